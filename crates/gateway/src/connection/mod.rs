@@ -1,0 +1,430 @@
+//! One socket's life, from upgrade to close, in one task.
+//!
+//! A single `select!` loop plays both pumps of the classic design: it reads client frames and
+//! turns them into node calls, and it drains the [`Outbox`] (feed everything queued, flush once).
+//! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
+//! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
+//! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
+//! until it resolves, while writing goes on. Heartbeats, token expiry and
+//! shutdown are timers and tokens of the same loop. [`Registration`] leaves the hub on every exit
+//! path, panics and cancellation included.
+
+pub mod outbox;
+pub mod session;
+
+pub use session::Session;
+
+use crate::node::{CommandError, Node, Published, Source};
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use futures_util::{SinkExt, StreamExt};
+use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
+use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
+use outbox::{CloseSwitch, ConnId, Frame, Outbox};
+use std::collections::{HashSet, VecDeque};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::mpsc;
+use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
+
+/// Most queued frames written before one flush.
+const MAX_BATCH: u64 = 1024;
+/// Most publishes of one socket waiting for the backplane; beyond it the socket is not read.
+const MAX_IN_FLIGHT: usize = 256;
+
+/// Keeps a socket's hub entries and gauges right: dropping it (on any exit) removes the socket
+/// from every channel it had.
+struct Registration {
+    node: Arc<Node>,
+    conn: ConnId,
+    channels: HashSet<ChannelName>,
+}
+
+impl Registration {
+    fn new(node: Arc<Node>, conn: ConnId) -> Self {
+        node.metrics().connections.inc();
+        node.metrics().connects.inc();
+        Self { node, conn, channels: HashSet::new() }
+    }
+}
+
+impl Registration {
+    /// Leaves every channel now (the socket is closing: nothing more should be routed to it).
+    fn leave(&mut self) {
+        self.node.forget(self.conn, self.channels.drain());
+    }
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.leave();
+        self.node.metrics().connections.dec();
+    }
+}
+
+/// What a pending backplane command resolved to.
+enum Completion {
+    Subscribed(Option<FrameId>, ChannelName, Result<(), CommandError>),
+    Unsubscribed(Option<FrameId>),
+}
+
+type Pending = Pin<Box<dyn Future<Output = Completion> + Send>>;
+
+/// How the loop ended.
+enum Exit {
+    /// Send this close code, then finish the close handshake.
+    Close(CloseCode),
+    /// The peer is gone or the stream failed: nothing more to write.
+    Gone(&'static str),
+}
+
+/// Runs one upgraded socket until it closes. Never panics on client input.
+pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
+    let conn = node.next_conn_id();
+    let switch = Arc::new(CloseSwitch::default());
+    let (outbox, rx) = Outbox::new(node.config().queue_size, switch.clone());
+    let registration = Registration::new(node.clone(), conn);
+    let mut socket = Socket {
+        ws,
+        rx,
+        node,
+        outbox,
+        switch,
+        registration,
+        session,
+        pending: None,
+        publishes: VecDeque::new(),
+        last_flush: Instant::now(),
+    };
+    let exit = socket.serve().await;
+    let label = match &exit {
+        Exit::Close(code) => code.label(),
+        Exit::Gone(why) => why,
+    };
+    socket.node.metrics().disconnects.with_label_values(&[label]).inc();
+    tracing::debug!(conn, reason = label, "socket closing");
+    socket.finish(exit).await;
+}
+
+struct Socket {
+    ws: WebSocket,
+    rx: mpsc::Receiver<Frame>,
+    node: Arc<Node>,
+    outbox: Outbox,
+    switch: Arc<CloseSwitch>,
+    registration: Registration,
+    session: Session,
+    pending: Option<Pending>,
+    /// Publishes sent to the backplane and not yet answered, oldest first.
+    publishes: VecDeque<(Option<FrameId>, Published)>,
+    /// When the last batch was flushed (drives the write linger).
+    last_flush: Instant,
+}
+
+impl Socket {
+    async fn serve(&mut self) -> Exit {
+        let config = self.node.config();
+        let (ping_interval, pong_timeout) = (config.ping_interval, config.pong_timeout);
+        let mut last_seen = Instant::now();
+        let mut ping_sent: Option<Instant> = None;
+        let heartbeat = sleep(ping_interval);
+        tokio::pin!(heartbeat);
+        let expiry = self.session.expiry_timer();
+        tokio::pin!(expiry);
+        let shutdown = self.node.shutdown_token().clone();
+
+        loop {
+            tokio::select! {
+                biased;
+                reason = self.switch.closed() => return Exit::Close(reason),
+                () = shutdown.cancelled() => return Exit::Close(CloseCode::GoingAway),
+                Some(frame) = self.rx.recv() => {
+                    if let Err(exit) = self.write_batch(frame).await {
+                        return exit;
+                    }
+                }
+                done = poll_pending(&mut self.pending) => {
+                    self.pending = None;
+                    self.complete(done);
+                }
+                (id, outcome) = next_published(&mut self.publishes), if !self.publishes.is_empty() => {
+                    match outcome {
+                        Ok(()) => self.reply_ok(id.as_ref()),
+                        Err(e) => self.reply_error(id.as_ref(), e.code(), &e.to_string()),
+                    }
+                }
+                incoming = self.ws.next(), if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT => {
+                    last_seen = Instant::now();
+                    match incoming {
+                        Some(Ok(message)) => {
+                            if let Some(exit) = self.on_message(message) {
+                                return exit;
+                            }
+                        }
+                        Some(Err(e)) => return read_error(e),
+                        None => return Exit::Gone("client_closed"),
+                    }
+                }
+                () = &mut heartbeat => {
+                    let now = Instant::now();
+                    match ping_sent {
+                        Some(sent) if last_seen < sent => return Exit::Close(CloseCode::HeartbeatTimeout),
+                        _ if last_seen + ping_interval > now => {
+                            ping_sent = None;
+                            heartbeat.as_mut().reset(last_seen + ping_interval);
+                        }
+                        _ => {
+                            if let Err(exit) = self.write_now(Message::Ping(Default::default())).await {
+                                return exit;
+                            }
+                            ping_sent = Some(now);
+                            heartbeat.as_mut().reset(now + pong_timeout);
+                        }
+                    }
+                }
+                () = expiry_fired(&mut expiry) => {
+                    match self.session.expires_at() {
+                        Some(at) if at > Instant::now() => expiry.set(Some(Box::pin(tokio::time::sleep_until(at)))),
+                        _ => return Exit::Close(CloseCode::TokenExpired),
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes `first` and everything else already queued, then flushes once. A close asked
+    /// meanwhile (the queue overflowed while the peer stalled the write) ends the write at once.
+    ///
+    /// A busy socket (its previous flush was less than `--write-linger` ago) first waits until a
+    /// linger has passed since that flush, so one write carries everything that arrived in the
+    /// meantime; a socket that receives rarely is written to at once.
+    async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
+        let linger = self.node.config().write_linger;
+        let write_timeout = self.node.config().write_timeout;
+        let linger_until = self.last_flush + linger;
+        let Self { ws, rx, switch, .. } = self;
+        let metrics = self.node.metrics();
+        let write = async {
+            if Instant::now() < linger_until {
+                sleep_until(linger_until).await;
+            }
+            timeout(write_timeout, async {
+                ws.feed(Message::Text(first)).await?;
+                let mut written = 1u64;
+                while written < MAX_BATCH {
+                    let Ok(frame) = rx.try_recv() else { break };
+                    ws.feed(Message::Text(frame)).await?;
+                    written += 1;
+                }
+                ws.flush().await?;
+                Ok::<u64, axum::Error>(written)
+            })
+            .await
+        };
+        let wrote = tokio::select! {
+            biased;
+            reason = switch.closed() => return Err(Exit::Close(reason)),
+            wrote = write => wrote,
+        };
+        self.last_flush = Instant::now();
+        match wrote {
+            Ok(Ok(n)) => {
+                metrics.frames_sent.inc_by(n);
+                metrics.write_batch.observe(n as f64);
+                Ok(())
+            }
+            Ok(Err(_)) => Err(Exit::Gone("write_error")),
+            Err(_) => Err(Exit::Gone("write_timeout")),
+        }
+    }
+
+    /// Writes one control message right away.
+    async fn write_now(&mut self, message: Message) -> Result<(), Exit> {
+        match timeout(self.node.config().write_timeout, self.ws.send(message)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Exit::Gone("write_error")),
+            Err(_) => Err(Exit::Gone("write_timeout")),
+        }
+    }
+
+    /// Queues a reply behind whatever is already queued (a full queue closes the socket).
+    fn reply(&self, text: String) {
+        self.outbox.push(Utf8Bytes::from(text));
+    }
+
+    fn reply_error(&self, id: Option<&FrameId>, code: ErrorCode, message: &str) {
+        self.node.metrics().bad_frames.with_label_values(&[code.as_str()]).inc();
+        self.reply(encode_error(id.map(FrameId::raw), code, message));
+    }
+
+    fn reply_ok(&self, id: Option<&FrameId>) {
+        if let Some(id) = id {
+            self.reply(encode_ok(id));
+        }
+    }
+
+    fn on_message(&mut self, message: Message) -> Option<Exit> {
+        match message {
+            Message::Text(text) => {
+                self.node.metrics().frames_received.inc();
+                self.on_text(&text)
+            }
+            Message::Binary(_) => {
+                self.node.metrics().frames_received.inc();
+                self.reply_error(None, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames");
+                None
+            }
+            // Pings are answered by the WebSocket layer; any frame counts as a sign of life.
+            Message::Ping(_) | Message::Pong(_) => None,
+            // The WebSocket layer answers the close; reading on lets it flush that answer, and
+            // the stream then ends.
+            Message::Close(_) => None,
+        }
+    }
+
+    fn on_text(&mut self, text: &str) -> Option<Exit> {
+        let frame = match ClientFrame::decode(text) {
+            Ok(frame) => frame,
+            Err(e) => {
+                self.reply_error(e.id.as_ref(), e.code, &e.message);
+                return None;
+            }
+        };
+        match frame {
+            ClientFrame::Ping { id } => {
+                if let Some(id) = id {
+                    self.reply(encode_pong(Some(&id)));
+                }
+            }
+            ClientFrame::Subscribe { id, channel } => self.on_subscribe(id, channel),
+            ClientFrame::Unsubscribe { id, channel } => {
+                if !self.registration.channels.remove(&channel) {
+                    self.reply_ok(id.as_ref());
+                    return None;
+                }
+                let node = self.node.clone();
+                let conn = self.registration.conn;
+                self.pending = Some(Box::pin(async move {
+                    node.unsubscribe(conn, &channel).await;
+                    Completion::Unsubscribed(id)
+                }));
+            }
+            ClientFrame::Publish { id, channel, data } => {
+                if let Err((code, why)) = self.session.may_publish(&channel) {
+                    self.reply_error(id.as_ref(), code, why);
+                    return None;
+                }
+                if let Err(strikes_out) = self.session.take_publish_token() {
+                    self.node.metrics().limit_hits.with_label_values(&["publish_rate"]).inc();
+                    if strikes_out {
+                        return Some(Exit::Close(CloseCode::PolicyAbuse));
+                    }
+                    self.reply_error(id.as_ref(), ErrorCode::RateLimited, "publish rate limit exceeded; slow down");
+                    return None;
+                }
+                let published = self.node.publish(&channel, data, Source::Socket);
+                self.publishes.push_back((id, published));
+            }
+            ClientFrame::Refresh { id, token } => match self.session.refresh(&self.node, &token) {
+                Ok(()) => self.reply_ok(id.as_ref()),
+                Err((code, why)) => self.reply_error(id.as_ref(), code, &why),
+            },
+        }
+        None
+    }
+
+    fn on_subscribe(&mut self, id: Option<FrameId>, channel: ChannelName) {
+        if self.registration.channels.contains(&channel) {
+            self.reply_ok(id.as_ref());
+            return;
+        }
+        if let Err((code, why)) = self.session.may_subscribe(&channel) {
+            self.reply_error(id.as_ref(), code, why);
+            return;
+        }
+        if self.registration.channels.len() >= self.node.config().max_subscriptions {
+            self.node.metrics().limit_hits.with_label_values(&["subscriptions"]).inc();
+            self.reply_error(id.as_ref(), ErrorCode::RateLimited, "too many subscriptions on this connection");
+            return;
+        }
+        // Recorded before the await, so that a socket dropped mid-subscribe still leaves the hub.
+        self.registration.channels.insert(channel.clone());
+        let node = self.node.clone();
+        let (conn, outbox) = (self.registration.conn, self.outbox.clone());
+        self.pending = Some(Box::pin(async move {
+            let result = node.subscribe(conn, outbox, &channel).await;
+            Completion::Subscribed(id, channel, result)
+        }));
+    }
+
+    fn complete(&mut self, done: Completion) {
+        match done {
+            Completion::Subscribed(id, _, Ok(())) => self.reply_ok(id.as_ref()),
+            Completion::Unsubscribed(id) => self.reply_ok(id.as_ref()),
+            Completion::Subscribed(id, channel, Err(e)) => {
+                self.registration.channels.remove(&channel);
+                self.reply_error(id.as_ref(), e.code(), &e.to_string());
+            }
+        }
+    }
+
+    /// Sends the close frame (after flushing what is queued when the node shuts down) and reads
+    /// until the peer finishes the close handshake, each step bounded by the write timeout.
+    async fn finish(mut self, exit: Exit) {
+        self.registration.leave();
+        let Exit::Close(code) = exit else { return };
+        let write_timeout = self.node.config().write_timeout;
+        if code == CloseCode::GoingAway
+            && let Ok(frame) = self.rx.try_recv()
+        {
+            let _ = self.write_batch(frame).await;
+        }
+        let close =
+            Message::Close(Some(CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) }));
+        if self.write_now(close).await.is_err() {
+            return;
+        }
+        let _ = timeout(write_timeout.min(Duration::from_secs(5)), async {
+            while let Some(Ok(_)) = self.ws.next().await {}
+        })
+        .await;
+    }
+}
+
+/// Resolves with the oldest publish's outcome (answers go out in the order commands came in).
+async fn next_published(
+    queue: &mut VecDeque<(Option<FrameId>, Published)>,
+) -> (Option<FrameId>, Result<(), CommandError>) {
+    let outcome = std::future::poll_fn(|cx| match queue.front_mut() {
+        Some((_, published)) => Pin::new(published).poll(cx),
+        None => std::task::Poll::Pending,
+    })
+    .await;
+    (queue.pop_front().and_then(|(id, _)| id), outcome)
+}
+
+/// Resolves with the pending command's outcome; never resolves while there is none.
+async fn poll_pending(pending: &mut Option<Pending>) -> Completion {
+    match pending {
+        Some(future) => future.await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn expiry_fired(timer: &mut Pin<&mut Option<Pin<Box<Sleep>>>>) {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Maps a read error to how the socket ends: an oversized frame gets 1009, the rest just end.
+fn read_error(error: axum::Error) -> Exit {
+    let inner = error.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => Exit::Close(CloseCode::TooBig),
+        Some(tungstenite::Error::Protocol(_)) => Exit::Gone("protocol_error"),
+        _ => Exit::Gone("read_error"),
+    }
+}

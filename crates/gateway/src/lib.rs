@@ -1,0 +1,55 @@
+//! A horizontally scalable WebSocket pub/sub gateway node.
+//!
+//! # Map
+//! - [`config`]: every option (clap flags and environment variables) and their defaults.
+//! - [`node`]: the [`Node`]; hub, backplane, metrics, readiness, shutdown tree, and the
+//!   subscribe / unsubscribe / publish lifecycle.
+//! - [`hub`]: local routing, channel -> this node's subscribers, sharded.
+//! - [`connection`]: one socket's life; [`connection::outbox`] is its bounded outgoing queue.
+//! - [`backplane`]: the [`Backplane`](backplane::Backplane) seam, with in-memory and Redis
+//!   implementations.
+//! - [`http`]: the router (`/ws`, `/api/publish`, `/metrics`, `/healthz`, `/readyz`) and the
+//!   accept loop with its graceful drain.
+//! - [`auth`]: JWT verification and channel grants; [`limits`]: connection caps, client IP,
+//!   publish token bucket.
+//! - [`metrics`]: the Prometheus metrics.
+//!
+//! # The life of one published message
+//! A text frame arrives in [`connection`]; the `protocol` crate decodes it, keeping `data` as raw
+//! JSON. [`Node::publish`] encodes the outgoing `message` frame once and hands it to the
+//! backplane, without touching the hub. The Redis backplane PUBLISHes it; Redis sends it to every
+//! node subscribed to that channel, the publisher's own node included, so every node sees one
+//! order. Each node's subscriber task passes the bytes as they came to [`hub::Hub::deliver`],
+//! which pushes a refcounted clone into every local subscriber's outbox without waiting (a full
+//! outbox closes that socket as a slow consumer). Each socket's task wakes, writes everything
+//! queued and flushes once. With the in-memory backplane, publish calls `deliver` directly.
+
+pub mod auth;
+pub mod backplane;
+pub mod config;
+pub mod connection;
+pub mod http;
+pub mod hub;
+pub mod limits;
+pub mod metrics;
+pub mod node;
+
+pub use config::Config;
+pub use node::{Node, StartError};
+
+use std::future::Future;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// Runs a node on `listener` until `signal` resolves, then drains it and returns.
+pub async fn run(config: Config, listener: TcpListener, signal: impl Future<Output = ()>) -> Result<(), StartError> {
+    let node = Node::start(config, CancellationToken::new()).await?;
+    tracing::info!(
+        node = node.node_id(),
+        listen = %listener.local_addr().map(|a| a.to_string()).unwrap_or_default(),
+        backplane = node.backplane().kind(),
+        "gateway node serving"
+    );
+    http::serve(node, listener, signal).await;
+    Ok(())
+}

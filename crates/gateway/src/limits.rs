@@ -1,0 +1,196 @@
+//! Connection limits: sockets per node and per client IP, and the client-IP rule behind them.
+//!
+//! A [`ConnectionSlot`] is taken before the upgrade and released when the socket ends (on drop),
+//! so the counts cannot drift.
+
+use crate::config::Config;
+use http::HeaderMap;
+use parking_lot::Mutex;
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+/// Which limit refused a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    /// The node holds `--max-connections` sockets.
+    #[error("this node is at its connection limit")]
+    NodeFull,
+    /// This client IP holds `--max-connections-per-ip` sockets.
+    #[error("too many connections from this address")]
+    IpFull,
+}
+
+impl LimitError {
+    /// A short label for metrics.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::NodeFull => "connections",
+            Self::IpFull => "connections_per_ip",
+        }
+    }
+}
+
+struct Counts {
+    max_total: usize,
+    max_per_ip: usize,
+    total: AtomicUsize,
+    per_ip: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// Counts sockets per node and per client IP.
+#[derive(Clone)]
+pub struct ConnectionLimits(Arc<Counts>);
+
+/// A held place under the limits; dropping it gives the place back.
+pub struct ConnectionSlot {
+    counts: Arc<Counts>,
+    ip: IpAddr,
+}
+
+impl ConnectionLimits {
+    /// Limits from `--max-connections` and `--max-connections-per-ip`.
+    pub fn new(config: &Config) -> Self {
+        Self(Arc::new(Counts {
+            max_total: config.max_connections,
+            max_per_ip: config.max_connections_per_ip,
+            total: AtomicUsize::new(0),
+            per_ip: Mutex::new(HashMap::new()),
+        }))
+    }
+
+    /// Takes a place for a socket from `ip`, or says which limit is reached.
+    pub fn acquire(&self, ip: IpAddr) -> Result<ConnectionSlot, LimitError> {
+        let counts = &self.0;
+        if counts.total.fetch_add(1, Ordering::AcqRel) >= counts.max_total {
+            counts.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitError::NodeFull);
+        }
+        let mut per_ip = counts.per_ip.lock();
+        let held = per_ip.entry(ip).or_insert(0);
+        if *held >= counts.max_per_ip {
+            drop(per_ip);
+            counts.total.fetch_sub(1, Ordering::AcqRel);
+            return Err(LimitError::IpFull);
+        }
+        *held += 1;
+        Ok(ConnectionSlot { counts: counts.clone(), ip })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut per_ip = self.counts.per_ip.lock();
+        if let Some(held) = per_ip.get_mut(&self.ip) {
+            *held -= 1;
+            if *held == 0 {
+                per_ip.remove(&self.ip);
+            }
+        }
+        drop(per_ip);
+        self.counts.total.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// The client's IP: the TCP peer, or, when the peer is a trusted proxy, the right-most address
+/// of `X-Forwarded-For` that is not itself a trusted proxy.
+pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    if !config.is_trusted_proxy(peer) {
+        return peer;
+    }
+    let forwarded = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .collect::<Vec<_>>();
+    forwarded.into_iter().rev().find(|ip| !config.is_trusted_proxy(*ip)).unwrap_or(peer)
+}
+
+/// A token bucket: `rate` tokens per second, up to `burst`, plus a count of refusals in a row.
+#[derive(Debug)]
+pub struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    last: tokio::time::Instant,
+    strikes: u32,
+    max_strikes: u32,
+}
+
+impl TokenBucket {
+    /// A full bucket.
+    pub fn new(rate: u32, burst: u32, max_strikes: u32) -> Self {
+        Self {
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            tokens: f64::from(burst),
+            last: tokio::time::Instant::now(),
+            strikes: 0,
+            max_strikes,
+        }
+    }
+
+    /// Takes a token. `Err(true)` when refusals in a row exceed the strike limit (sustained
+    /// abuse), `Err(false)` for a plain refusal.
+    pub fn take(&mut self) -> Result<(), bool> {
+        let now = tokio::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.strikes = 0;
+            Ok(())
+        } else {
+            self.strikes += 1;
+            Err(self.strikes > self.max_strikes)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(args: &[&str]) -> Config {
+        Config::from_args(args.iter().copied()).expect("valid args")
+    }
+
+    #[test]
+    fn per_ip_and_total_limits_release_on_drop() {
+        let limits = ConnectionLimits::new(&config(&["--max-connections", "3", "--max-connections-per-ip", "2"]));
+        let a: IpAddr = "10.0.0.1".parse().expect("ip");
+        let b: IpAddr = "10.0.0.2".parse().expect("ip");
+        let s1 = limits.acquire(a).expect("first");
+        let _s2 = limits.acquire(a).expect("second");
+        assert_eq!(limits.acquire(a).err(), Some(LimitError::IpFull));
+        let _s3 = limits.acquire(b).expect("other ip");
+        assert_eq!(limits.acquire(b).err(), Some(LimitError::NodeFull));
+        drop(s1);
+        assert!(limits.acquire(a).is_ok());
+    }
+
+    #[test]
+    fn forwarded_for_is_honoured_only_from_trusted_proxies() {
+        let c = config(&["--trusted-proxies", "127.0.0.1"]);
+        let mut h = HeaderMap::new();
+        h.insert("x-forwarded-for", "1.2.3.4, 127.0.0.1".parse().expect("header"));
+        assert_eq!(client_ip(&c, "127.0.0.1".parse().expect("ip"), &h), "1.2.3.4".parse::<IpAddr>().expect("ip"));
+        assert_eq!(client_ip(&c, "9.9.9.9".parse().expect("ip"), &h), "9.9.9.9".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn bucket_refuses_then_strikes_out() {
+        let mut bucket = TokenBucket::new(10, 2, 3);
+        assert!(bucket.take().is_ok() && bucket.take().is_ok());
+        assert_eq!(bucket.take(), Err(false));
+        assert_eq!(bucket.take(), Err(false));
+        assert_eq!(bucket.take(), Err(false));
+        assert_eq!(bucket.take(), Err(true));
+        tokio::time::advance(std::time::Duration::from_millis(100)).await;
+        assert_eq!(bucket.take(), Ok(()));
+    }
+}

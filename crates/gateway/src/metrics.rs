@@ -1,0 +1,182 @@
+//! Prometheus metrics: one typed [`Metrics`] struct with its own registry.
+//!
+//! No global registry, so several nodes can live in one test process. Labels come only from
+//! closed sets (reasons, codes, limits), never from channel names or client input.
+
+use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
+
+/// Every metric a node exports, registered in one [`Registry`].
+#[derive(Clone)]
+pub struct Metrics {
+    registry: Registry,
+    /// Open WebSocket connections.
+    pub connections: IntGauge,
+    /// WebSocket connections accepted.
+    pub connects: IntCounter,
+    /// WebSocket connections ended, by reason.
+    pub disconnects: IntCounterVec,
+    /// Frames read from sockets.
+    pub frames_received: IntCounter,
+    /// Frames written to sockets.
+    pub frames_sent: IntCounter,
+    /// Messages accepted for publishing, by source (`ws`, `http`).
+    pub messages_published: IntCounterVec,
+    /// Message frames queued to local subscribers.
+    pub messages_delivered: IntCounter,
+    /// Messages not delivered to a local subscriber, by reason.
+    pub messages_dropped: IntCounterVec,
+    /// Channels with at least one local subscriber.
+    pub channels: IntGauge,
+    /// Time from a publish request to the backplane accepting it.
+    pub publish_latency: Histogram,
+    /// Frames written per flush (write coalescing).
+    pub write_batch: Histogram,
+    /// 1 while the backplane is connected and its probe comes back.
+    pub backplane_up: IntGauge,
+    /// Reconnections of the backplane's subscriber connection.
+    pub backplane_reconnects: IntCounter,
+    /// Publishes the backplane refused or failed.
+    pub backplane_publish_errors: IntCounter,
+    /// End-to-end probes that did not come back in time.
+    pub canary_failures: IntCounter,
+    /// Requests or frames refused by a limit, by limit.
+    pub limit_hits: IntCounterVec,
+    /// Refused credentials, by reason.
+    pub auth_failures: IntCounterVec,
+    /// Client frames answered with an error, by error code.
+    pub bad_frames: IntCounterVec,
+    /// 1 while the node accepts new sockets.
+    pub ready: IntGauge,
+}
+
+fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
+    let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
+    let c = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    c
+}
+
+fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
+    let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
+    g
+}
+
+impl Metrics {
+    /// Creates and registers every metric, plus the process collector (CPU, memory, fds).
+    ///
+    /// Panics only on a programming error (a duplicate or malformed metric name), at start-up.
+    pub fn new(node_id: &str) -> Self {
+        let registry = Registry::new();
+        let r = &registry;
+        let latency = Histogram::with_opts(
+            HistogramOpts::new(
+                "gateway_publish_latency_seconds",
+                "Time from a publish request to the backplane accepting it.",
+            )
+            .buckets(vec![
+                0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002_5, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+            ]),
+        )
+        .unwrap_or_else(|e| panic!("latency histogram: {e}"));
+        registry.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));
+        let write_batch = Histogram::with_opts(
+            HistogramOpts::new("gateway_write_batch_frames", "Frames written to one socket per flush.")
+                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
+        )
+        .unwrap_or_else(|e| panic!("write batch histogram: {e}"));
+        registry.register(Box::new(write_batch.clone())).unwrap_or_else(|e| panic!("write batch histogram: {e}"));
+        #[cfg(target_os = "linux")]
+        registry
+            .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
+            .unwrap_or_else(|e| panic!("process collector: {e}"));
+        let info = IntGauge::with_opts(
+            Opts::new("gateway_node_info", "Constant 1, labelled with this node's id.")
+                .const_label("node_id", node_id)
+                .const_label("version", env!("CARGO_PKG_VERSION")),
+        )
+        .unwrap_or_else(|e| panic!("node info: {e}"));
+        info.set(1);
+        registry.register(Box::new(info)).unwrap_or_else(|e| panic!("node info: {e}"));
+        Self {
+            connections: gauge(r, "gateway_connections", "Open WebSocket connections."),
+            connects: counter(r, "gateway_connects_total", "WebSocket connections accepted."),
+            disconnects: counter_vec(
+                r,
+                "gateway_disconnects_total",
+                "WebSocket connections ended, by reason.",
+                "reason",
+            ),
+            frames_received: counter(r, "gateway_frames_received_total", "Frames read from sockets."),
+            frames_sent: counter(r, "gateway_frames_sent_total", "Frames written to sockets."),
+            messages_published: counter_vec(
+                r,
+                "gateway_messages_published_total",
+                "Messages accepted for publishing, by source.",
+                "source",
+            ),
+            messages_delivered: counter(
+                r,
+                "gateway_messages_delivered_total",
+                "Message frames queued to local subscribers.",
+            ),
+            messages_dropped: counter_vec(
+                r,
+                "gateway_messages_dropped_total",
+                "Messages not delivered to a local subscriber, by reason.",
+                "reason",
+            ),
+            channels: gauge(r, "gateway_channels", "Channels with at least one local subscriber."),
+            publish_latency: latency,
+            write_batch,
+            backplane_up: gauge(
+                r,
+                "gateway_backplane_up",
+                "1 while the backplane is connected and its probe comes back.",
+            ),
+            backplane_reconnects: counter(
+                r,
+                "gateway_backplane_reconnects_total",
+                "Reconnections of the backplane subscriber connection.",
+            ),
+            backplane_publish_errors: counter(
+                r,
+                "gateway_backplane_publish_errors_total",
+                "Publishes the backplane refused or failed.",
+            ),
+            canary_failures: counter(
+                r,
+                "gateway_canary_failures_total",
+                "End-to-end backplane probes that did not come back in time.",
+            ),
+            limit_hits: counter_vec(
+                r,
+                "gateway_limit_hits_total",
+                "Requests or frames refused by a limit, by limit.",
+                "limit",
+            ),
+            auth_failures: counter_vec(r, "gateway_auth_failures_total", "Refused credentials, by reason.", "reason"),
+            bad_frames: counter_vec(
+                r,
+                "gateway_bad_frames_total",
+                "Client frames answered with an error, by error code.",
+                "code",
+            ),
+            ready: gauge(r, "gateway_ready", "1 while the node accepts new sockets."),
+            registry,
+        }
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut out = Vec::with_capacity(8 * 1024);
+        // Encoding into a Vec cannot fail for well-formed metrics.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}

@@ -1,0 +1,246 @@
+//! The wire contract (docs/protocol.md), frame by frame, run once against a single node with the
+//! in-process backplane and once against two nodes sharing a private Redis: one suite, two
+//! backplanes. Clients of a Redis cluster are spread over both nodes.
+
+mod support;
+
+use gateway_client::{Client, ClientError, ErrorCode};
+use serde_json::{Value, json};
+use support::{Backend, Cluster, RawSocket, fresh_channel, within};
+
+/// Generates one `#[tokio::test]` per backplane for each contract test.
+macro_rules! contract_tests {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Memory).await })*
+        }
+        mod redis {
+            $(#[tokio::test] async fn $name() { super::$name(super::Backend::Redis).await })*
+        }
+    };
+}
+
+contract_tests!(
+    subscribe_publish_ping_replies_echo_the_id,
+    commands_without_id_get_no_reply_but_still_work,
+    publisher_receives_its_own_message_and_others_do_too,
+    many_messages_arrive_in_publish_order_on_every_subscriber,
+    channels_are_isolated,
+    unsubscribe_stops_delivery_and_repeats_are_ok,
+    every_bad_input_gets_its_error_and_the_socket_keeps_serving,
+    an_oversized_frame_closes_with_1009_and_others_carry_on,
+    http_publish_answers_ok_and_json_errors,
+    metrics_move_with_traffic,
+);
+
+async fn subscribe_publish_ping_replies_echo_the_id(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    let channel = fresh_channel("ids");
+    raw.send_json(json!({"type": "subscribe", "channel": channel, "id": "sub-1"})).await;
+    assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": "sub-1"}));
+    raw.send_json(json!({"type": "ping", "id": 4})).await;
+    assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 4}));
+    raw.send_json(json!({"type": "publish", "channel": channel, "data": {"text": "hi"}, "id": 3.5})).await;
+    // The ok and our own message may come in either order.
+    let (a, b) = (raw.recv_json().await, raw.recv_json().await);
+    let mut got = [a, b];
+    got.sort_by_key(|v| v["type"].as_str().map(str::to_owned));
+    assert_eq!(got[0], json!({"type": "message", "channel": channel, "data": {"text": "hi"}}));
+    assert_eq!(got[1], json!({"type": "ok", "id": 3.5}));
+}
+
+async fn commands_without_id_get_no_reply_but_still_work(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    let channel = fresh_channel("noid");
+    raw.send_json(json!({"type": "subscribe", "channel": channel})).await;
+    raw.send_json(json!({"type": "ping"})).await;
+    raw.send_json(json!({"type": "ping", "id": null})).await;
+    // The next frame must be the pong for id 7: nothing was sent for the commands without id.
+    raw.send_json(json!({"type": "ping", "id": 7})).await;
+    assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 7}));
+    let publisher = cluster.client().await;
+    publisher.publish_json(&channel, &json!(1)).await.expect("publish");
+    assert_eq!(raw.recv_json().await, json!({"type": "message", "channel": channel, "data": 1}));
+}
+
+async fn publisher_receives_its_own_message_and_others_do_too(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let channel = fresh_channel("own");
+    let (alice, bob) = (cluster.client().await, cluster.client().await);
+    let mut alice_sub = alice.subscribe(&channel).await.expect("subscribe");
+    let mut bob_sub = bob.subscribe(&channel).await.expect("subscribe");
+    alice.publish_json(&channel, &json!({"from": "alice"})).await.expect("publish");
+    for sub in [&mut alice_sub, &mut bob_sub] {
+        let message = within("delivery", sub.recv()).await.expect("a message");
+        assert_eq!((message.channel.as_str(), message.data_json()), (channel.as_str(), json!({"from": "alice"})));
+    }
+}
+
+async fn many_messages_arrive_in_publish_order_on_every_subscriber(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let channel = fresh_channel("order");
+    let mut subscriptions = Vec::new();
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let client = cluster.client().await;
+        subscriptions.push(client.subscribe(&channel).await.expect("subscribe"));
+        clients.push(client);
+    }
+    let publisher = cluster.client().await;
+    const N: u64 = 2000;
+    let raw_publisher = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    drop(raw_publisher);
+    for i in 0..N {
+        let data = serde_json::value::RawValue::from_string(i.to_string()).expect("raw");
+        publisher.publish_nowait(&channel, &data).await.expect("publish");
+    }
+    for sub in &mut subscriptions {
+        for expected in 0..N {
+            let message = within("ordered delivery", sub.recv()).await.expect("a message");
+            assert_eq!(message.data_json(), json!(expected));
+        }
+    }
+}
+
+async fn channels_are_isolated(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let (a, b) = (fresh_channel("iso-a"), fresh_channel("iso-b"));
+    let client = cluster.client().await;
+    let mut sub_a = client.subscribe(&a).await.expect("subscribe a");
+    let publisher = cluster.client().await;
+    publisher.publish_json(&b, &json!("for b")).await.expect("publish b");
+    publisher.publish_json(&a, &json!("for a")).await.expect("publish a");
+    let first = within("delivery on a", sub_a.recv()).await.expect("a message");
+    assert_eq!(first.data_json(), json!("for a"), "a message published on another channel arrived");
+}
+
+async fn unsubscribe_stops_delivery_and_repeats_are_ok(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    let channel = fresh_channel("unsub");
+    let sub = json!({"type": "subscribe", "channel": channel});
+    let unsub = json!({"type": "unsubscribe", "channel": channel});
+    assert_eq!(raw.command(sub.clone(), 1).await["type"], "ok");
+    assert_eq!(raw.command(sub, 2).await["type"], "ok", "subscribing twice is ok");
+    assert_eq!(raw.command(unsub.clone(), 3).await["type"], "ok");
+    assert_eq!(raw.command(unsub, 4).await["type"], "ok", "unsubscribing from a channel not held is ok");
+    let publisher = cluster.client().await;
+    publisher.publish_json(&channel, &json!("after unsubscribe")).await.expect("publish");
+    // Round trip on the same socket: had the message been routed here, it would come first.
+    assert_eq!(raw.command(json!({"type": "ping"}), 5).await, json!({"type": "pong", "id": 5}));
+}
+
+async fn every_bad_input_gets_its_error_and_the_socket_keeps_serving(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    let cases: Vec<(&str, Value)> = vec![
+        ("{not json", json!({"code": "bad_request"})),
+        ("[1,2]", json!({"code": "bad_request"})),
+        (r#"{"type":"dance","id":1}"#, json!({"code": "bad_request", "id": 1})),
+        (r#"{"channel":"a","id":2}"#, json!({"code": "bad_request", "id": 2})),
+        (r#"{"type":"subscribe","id":3}"#, json!({"code": "bad_request", "id": 3})),
+        (r#"{"type":"publish","channel":"a","id":"p"}"#, json!({"code": "bad_request", "id": "p"})),
+        (r#"{"type":"subscribe","channel":"no spaces","id":5}"#, json!({"code": "bad_channel", "id": 5})),
+        (r#"{"type":"subscribe","channel":"","id":6}"#, json!({"code": "bad_channel", "id": 6})),
+        (r#"{"type":"publish","channel":"x*","data":1,"id":7}"#, json!({"code": "bad_channel", "id": 7})),
+        (r#"{"type":"ping","id":{"nested":true}}"#, json!({"code": "bad_request"})),
+    ];
+    for (input, expected) in cases {
+        raw.send(input).await;
+        let reply = raw.recv_json().await;
+        assert_eq!(reply["type"], "error", "{input} -> {reply}");
+        assert_eq!(reply["code"], expected["code"], "{input} -> {reply}");
+        assert_eq!(reply.get("id"), expected.get("id"), "{input} -> {reply}");
+        assert!(reply["message"].as_str().is_some_and(|m| !m.is_empty()), "{input} -> {reply}");
+    }
+    let long = "a".repeat(256);
+    raw.send_json(json!({"type": "subscribe", "channel": long, "id": 8})).await;
+    assert_eq!(raw.recv_json().await["code"], "bad_channel");
+    raw.send_binary(vec![1, 2, 3]).await;
+    let reply = raw.recv_json().await;
+    assert_eq!((reply["type"].as_str(), reply["code"].as_str()), (Some("error"), Some("bad_request")));
+    assert_eq!(raw.command(json!({"type": "ping"}), 9).await, json!({"type": "pong", "id": 9}), "still serving");
+}
+
+async fn an_oversized_frame_closes_with_1009_and_others_carry_on(backend: Backend) {
+    let cluster = Cluster::start(backend, &["--max-message-size", "1024"]).await;
+    let channel = fresh_channel("big");
+    let bystander = cluster.client().await;
+    let mut sub = bystander.subscribe(&channel).await.expect("subscribe");
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    let big = json!({"type": "publish", "channel": channel, "data": "x".repeat(2000)});
+    raw.send_json(big).await;
+    let closed = raw.recv_close().await;
+    assert_eq!(closed.map(|c| c.0), Some(1009));
+    bystander.publish_json(&channel, &json!("small")).await.expect("the node still serves");
+    assert_eq!(within("delivery", sub.recv()).await.expect("message").data_json(), json!("small"));
+}
+
+async fn http_publish_answers_ok_and_json_errors(backend: Backend) {
+    let cluster = Cluster::start(backend, &["--api-key", "s3cret-key", "--max-message-size", "2048"]).await;
+    let channel = fresh_channel("http");
+    let client = cluster.client().await;
+    let mut sub = client.subscribe(&channel).await.expect("subscribe");
+    let node = cluster.any_node();
+
+    let ok = node.publish_http(&channel, r#"{"n":1}"#, Some("s3cret-key")).await;
+    assert_eq!((ok.status, ok.json()), (200, json!({"ok": true})));
+    assert_eq!(within("delivery", sub.recv()).await.expect("message").data_json(), json!({"n": 1}));
+
+    let cases = [
+        (node.publish_http(&channel, "1", None).await, 401, "unauthorized"),
+        (node.publish_http(&channel, "1", Some("wrong")).await, 401, "unauthorized"),
+        (node.publish_http("bad channel", "1", Some("s3cret-key")).await, 400, "bad_channel"),
+        (
+            node.http("POST", "/api/publish", &[("authorization", "Bearer s3cret-key")], "{oops").await,
+            400,
+            "bad_request",
+        ),
+        (
+            node.http("POST", "/api/publish", &[("authorization", "Bearer s3cret-key")], r#"{"channel":"a"}"#).await,
+            400,
+            "bad_request",
+        ),
+        (node.publish_http(&channel, &format!("\"{}\"", "x".repeat(4000)), Some("s3cret-key")).await, 413, "too_large"),
+    ];
+    for (response, status, code) in cases {
+        assert_eq!(response.status, status, "{}", response.body);
+        let body = response.json();
+        assert_eq!((body["ok"].clone(), body["code"].clone()), (json!(false), json!(code)), "{body}");
+    }
+    // Messages published by one HTTP client, request after request, arrive in order.
+    for i in 0..50 {
+        assert_eq!(node.publish_http(&channel, &i.to_string(), Some("s3cret-key")).await.status, 200);
+    }
+    for i in 0..50 {
+        assert_eq!(within("delivery", sub.recv()).await.expect("message").data_json(), json!(i));
+    }
+}
+
+async fn metrics_move_with_traffic(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let node = &cluster.nodes[0];
+    let channel = fresh_channel("metrics");
+    let client = node.client().await;
+    node.wait_metric("gateway_connections", 1.0).await;
+    let mut sub = client.subscribe(&channel).await.expect("subscribe");
+    assert_eq!(node.metric("gateway_channels").await, 1.0);
+    let published = node.metric(r#"gateway_messages_published_total{source="ws"}"#).await;
+    let delivered = node.metric("gateway_messages_delivered_total").await;
+    client.publish_json(&channel, &json!(1)).await.expect("publish");
+    within("delivery", sub.recv()).await.expect("message");
+    assert_eq!(node.metric(r#"gateway_messages_published_total{source="ws"}"#).await, published + 1.0);
+    assert!(node.metric("gateway_messages_delivered_total").await > delivered);
+    assert!(node.metric("gateway_publish_latency_seconds_count").await >= 1.0);
+    assert!(node.metric("process_resident_memory_bytes").await > 0.0);
+    assert_eq!(node.metric("gateway_backplane_up").await, 1.0);
+    client.close().await;
+    node.wait_metric("gateway_connections", 0.0).await;
+    node.wait_metric("gateway_channels", 0.0).await;
+    assert!(node.metric(r#"gateway_disconnects_total{reason="client_closed"}"#).await >= 1.0);
+    let rejected = Client::connect(&format!("ws://{}/nope", node.addr())).await;
+    assert!(matches!(rejected, Err(ClientError::Rejected { status: 404, .. })), "{rejected:?}");
+    let _ = ErrorCode::BadRequest;
+}
