@@ -375,6 +375,21 @@ async fn a_token_without_exp_is_refused() {
 }
 
 #[tokio::test]
+async fn a_token_with_an_exp_centuries_away_is_served_and_refreshed_without_harm() {
+    let node = auth_node("far-exp", &[]);
+    let mut bystander = Bystander::join(&node, Some(&hs256(&claims("alice", 60))), None).await;
+    // The largest `exp` a JSON number can carry: its expiry cannot be put on a clock.
+    let far = hs256(&json!({"sub": "bob", "exp": u64::MAX}));
+    let mut raw = raw_with_token(&node, &far).await;
+    raw.subscribe(&fresh_channel("far-exp")).await;
+    assert_serving(&mut raw, 1).await;
+    let reply = raw.command(json!({"type": "refresh", "token": far}), 2).await;
+    assert_eq!(reply, json!({"type": "ok", "id": 2}));
+    assert_serving(&mut raw, 3).await;
+    bystander.assert_unaffected().await;
+}
+
+#[tokio::test]
 async fn a_token_expiring_mid_connection_closes_the_socket_with_1008() {
     let node = auth_node("expiring", &["--jwt-leeway", "0s"]);
     let mut bystander = Bystander::join(&node, Some(&hs256(&claims("alice", 60))), None).await;

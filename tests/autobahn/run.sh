@@ -9,6 +9,8 @@
 #
 # Excluded: 12.* and 13.* (permessage-deflate: the gateway does not negotiate compression) and
 # 9.1.6 / 9.2.6 (16 MiB messages: slow, and at the very edge of the 16 MiB limit used here).
+# It also fails if the gateway died or logged a panic during the run, and, loudly, when python3
+# or its venv module (Debian: python3-venv) is missing. tests/run.sh runs it after cargo test.
 # Environment: GATEWAY_BIN (a built gateway binary; default: build target/debug/gateway),
 # KOSOKU (the kosoku command; default: `kosoku` on PATH, else a venv under tests/.tmp),
 # AUTOBAHN_PARALLELISM (cases run at once, default 8).
@@ -27,6 +29,12 @@ esac
 rm -rf "$work/reports"
 mkdir -p "$work"
 
+fail() { echo "autobahn: $*" >&2; exit 1; }
+
+# python3 runs kosoku and reads its reports; without it nothing here can work.
+command -v python3 >/dev/null 2>&1 ||
+  fail "python3 is missing; install it (Debian: sudo apt-get install -y python3 python3-venv)"
+
 # The runner: kosoku on PATH, or a private venv with the pinned version.
 kosoku="${KOSOKU:-}"
 if [ -z "$kosoku" ]; then
@@ -35,9 +43,14 @@ if [ -z "$kosoku" ]; then
   else
     venv="$work/venv"
     if [ ! -x "$venv/bin/kosoku" ]; then
+      # Debian ships `venv` without `ensurepip` unless python3-venv is installed.
+      python3 -c 'import venv, ensurepip' 2>/dev/null ||
+        fail "python3 cannot create virtual environments; install python3-venv (Debian: sudo apt-get install -y python3-venv)"
       echo "autobahn: installing kosoku==$KOSOKU_VERSION into $venv" >&2
-      python3 -m venv "$venv"
-      "$venv/bin/pip" install --quiet "kosoku==$KOSOKU_VERSION"
+      rm -rf "$venv"
+      python3 -m venv "$venv" || { rm -rf "$venv"; fail "python3 -m venv $venv failed (Debian: install python3-venv)"; }
+      "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "kosoku==$KOSOKU_VERSION" ||
+        { rm -rf "$venv"; fail "pip could not install kosoku==$KOSOKU_VERSION from PyPI (offline? set KOSOKU to an installed runner)"; }
     fi
     kosoku="$venv/bin/kosoku"
   fi
@@ -45,13 +58,14 @@ fi
 
 bin="${GATEWAY_BIN:-}"
 if [ -z "$bin" ]; then
-  cargo build --quiet -p gateway --bin gateway
+  cargo build --quiet --locked -p gateway --bin gateway
   bin=target/debug/gateway
 fi
+[ -x "$bin" ] || fail "no gateway binary at $bin"
 
-# The node picks its own port; its first log line says which.
+# The node picks its own port; its first log line (at `info`, whatever RUST_LOG says) says which.
 log="$work/gateway.log"
-"$bin" --listen 127.0.0.1:0 --node-id autobahn --log-format json --echo-endpoint \
+RUST_LOG=info "$bin" --listen 127.0.0.1:0 --node-id autobahn --log-format json --echo-endpoint \
   --max-message-size 16777216 2>"$log" >/dev/null &
 gateway_pid=$!
 trap 'kill "$gateway_pid" 2>/dev/null || true; wait "$gateway_pid" 2>/dev/null || true' EXIT
@@ -78,7 +92,17 @@ started=$(date +%s.%N)
 "$kosoku" "ws://$addr/test/echo" -x '12.*' -x '13.*' -x '9.1.6' -x '9.2.6' \
   -p "${AUTOBAHN_PARALLELISM:-8}" -o "$work/reports" >"$work/kosoku.out" 2>&1 || true
 elapsed=$(python3 -c "import sys, time; print(f'{time.time() - float(sys.argv[1]):.1f}')" "$started")
-[ -f "$work/reports/index.json" ] || { cat "$work/kosoku.out" >&2; echo "autobahn: kosoku produced no report" >&2; exit 1; }
+# The node must have survived every case, without a single panic (a panicking connection task
+# does not take the process down, so the log is checked too).
+if ! kill -0 "$gateway_pid" 2>/dev/null; then
+  cat "$log" >&2
+  fail "the gateway died during the run (log above: $log)"
+fi
+if grep -q 'panicked' "$log"; then
+  cat "$log" >&2
+  fail "the gateway panicked during the run (log above: $log)"
+fi
+[ -f "$work/reports/index.json" ] || { cat "$work/kosoku.out" >&2; fail "kosoku produced no report"; }
 
 # One line per case: [behavior, behaviorClose, close code the server sent (null: none)].
 python3 - "$work/reports/index.json" "$work/results.json" <<'PY'

@@ -19,14 +19,13 @@ use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
-use outbox::{CloseSwitch, ConnId, Frame, Outbox};
+use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::mpsc;
-use tokio::time::{Instant, Sleep, sleep, sleep_until, timeout};
+use tokio::time::{Instant, Sleep, sleep, timeout};
 
 /// Most queued frames written before one flush.
 const MAX_BATCH: u64 = 1024;
@@ -95,7 +94,8 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
         session,
         pending: None,
         publishes: VecDeque::new(),
-        last_flush: Instant::now(),
+        held: None,
+        last_flush: None,
     };
     let exit = socket.serve().await;
     let label = match &exit {
@@ -109,7 +109,7 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
 
 struct Socket {
     ws: WebSocket,
-    rx: mpsc::Receiver<Frame>,
+    rx: Inbox,
     node: Arc<Node>,
     outbox: Outbox,
     switch: Arc<CloseSwitch>,
@@ -118,8 +118,10 @@ struct Socket {
     pending: Option<Pending>,
     /// Publishes sent to the backplane and not yet answered, oldest first.
     publishes: VecDeque<(Option<FrameId>, Published)>,
+    /// The first frame of the next batch while the socket lingers (see [`Socket::hold_or_write`]).
+    held: Option<Frame>,
     /// When the last batch was flushed (drives the write linger).
-    last_flush: Instant,
+    last_flush: Option<Instant>,
 }
 
 impl Socket {
@@ -133,14 +135,34 @@ impl Socket {
         let expiry = self.session.expiry_timer();
         tokio::pin!(expiry);
         let shutdown = self.node.shutdown_token().clone();
+        let linger_over = sleep(Duration::ZERO);
+        tokio::pin!(linger_over);
+        // Reading pauses while our own queue is half full, so a client that pipelines faster
+        // than its replies can be written is slowed down instead of overflowing its queue.
+        let read_pause = config.queue_size.div_ceil(2);
 
         loop {
             tokio::select! {
                 biased;
                 reason = self.switch.closed() => return Exit::Close(reason),
                 () = shutdown.cancelled() => return Exit::Close(CloseCode::GoingAway),
-                Some(frame) = self.rx.recv() => {
-                    if let Err(exit) = self.write_batch(frame).await {
+                Some(frame) = self.rx.recv(), if self.held.is_none() => {
+                    if let Err(exit) = self.hold_or_write(frame, linger_over.as_mut()).await {
+                        return exit;
+                    }
+                }
+                () = &mut linger_over, if self.held.is_some() => {
+                    if let Some(frame) = self.held.take()
+                        && let Err(exit) = self.write_batch(frame).await
+                    {
+                        return exit;
+                    }
+                }
+                // A burst is filling the queue: write it now rather than risk overflowing.
+                () = self.switch.urged(), if self.held.is_some() => {
+                    if let Some(frame) = self.held.take()
+                        && let Err(exit) = self.write_batch(frame).await
+                    {
                         return exit;
                     }
                 }
@@ -154,7 +176,9 @@ impl Socket {
                         Err(e) => self.reply_error(id.as_ref(), e.code(), &e.to_string()),
                     }
                 }
-                incoming = self.ws.next(), if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT => {
+                incoming = self.ws.next(),
+                    if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && self.rx.len() < read_pause =>
+                {
                     last_seen = Instant::now();
                     match incoming {
                         Some(Ok(message)) => {
@@ -193,30 +217,40 @@ impl Socket {
         }
     }
 
+    /// Writes `first` with everything queued behind it, unless the socket is busy: when its
+    /// previous flush was less than `--write-linger` ago, `first` is held and the batch is
+    /// written once that linger has passed, so one write carries everything that arrived in the
+    /// meantime. A socket that receives rarely is written to at once. While a frame is held the
+    /// loop keeps reading, answering and heartbeating; only the queue is left alone.
+    async fn hold_or_write(&mut self, first: Frame, linger_over: Pin<&mut Sleep>) -> Result<(), Exit> {
+        let config = self.node.config();
+        if let Some(flush_at) = self.last_flush.map(|at| at + config.write_linger)
+            && Instant::now() < flush_at
+            && self.rx.len() < config.queue_size / 2
+        {
+            self.held = Some(first);
+            linger_over.reset(flush_at);
+            return Ok(());
+        }
+        self.write_batch(first).await
+    }
+
     /// Writes `first` and everything else already queued, then flushes once. A close asked
     /// meanwhile (the queue overflowed while the peer stalled the write) ends the write at once.
-    ///
-    /// A busy socket (its previous flush was less than `--write-linger` ago) first waits until a
-    /// linger has passed since that flush, so one write carries everything that arrived in the
-    /// meantime; a socket that receives rarely is written to at once.
     async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
-        let linger = self.node.config().write_linger;
         let write_timeout = self.node.config().write_timeout;
-        let linger_until = self.last_flush + linger;
         let Self { ws, rx, switch, .. } = self;
         let metrics = self.node.metrics();
         let write = async {
-            if Instant::now() < linger_until {
-                sleep_until(linger_until).await;
-            }
             timeout(write_timeout, async {
                 ws.feed(Message::Text(first)).await?;
                 let mut written = 1u64;
                 while written < MAX_BATCH {
-                    let Ok(frame) = rx.try_recv() else { break };
+                    let Some(frame) = rx.try_recv() else { break };
                     ws.feed(Message::Text(frame)).await?;
                     written += 1;
                 }
+                rx.settle();
                 ws.flush().await?;
                 Ok::<u64, axum::Error>(written)
             })
@@ -227,7 +261,7 @@ impl Socket {
             reason = switch.closed() => return Err(Exit::Close(reason)),
             wrote = write => wrote,
         };
-        self.last_flush = Instant::now();
+        self.last_flush = Some(Instant::now());
         match wrote {
             Ok(Ok(n)) => {
                 metrics.frames_sent.inc_by(n);
@@ -369,14 +403,16 @@ impl Socket {
         }
     }
 
-    /// Sends the close frame (after flushing what is queued when the node shuts down) and reads
-    /// until the peer finishes the close handshake, each step bounded by the write timeout.
+    /// Sends the close frame and reads until the peer finishes the close handshake, each step
+    /// bounded by the write timeout. What is queued (replies that explain the close, messages
+    /// before a shutdown) is flushed first, unless the peer is the reason: a slow consumer or
+    /// a silent peer gets its close frame at once.
     async fn finish(mut self, exit: Exit) {
         self.registration.leave();
         let Exit::Close(code) = exit else { return };
         let write_timeout = self.node.config().write_timeout;
-        if code == CloseCode::GoingAway
-            && let Ok(frame) = self.rx.try_recv()
+        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout)
+            && let Some(frame) = self.held.take().or_else(|| self.rx.try_recv())
         {
             let _ = self.write_batch(frame).await;
         }

@@ -5,6 +5,7 @@ use crate::limits::{ConnectionSlot, TokenBucket};
 use crate::node::Node;
 use gateway_protocol::{ChannelName, ErrorCode};
 use std::pin::Pin;
+use std::time::Duration;
 use tokio::time::{Instant, Sleep};
 
 /// Everything decided about a socket before the upgrade, and what it may do afterwards.
@@ -24,7 +25,7 @@ impl Session {
         let config = node.config();
         // The leeway that let the token in also applies to its expiry: a token accepted within
         // the leeway must not be closed the moment it is connected.
-        let expires_at = claims.as_ref().map(|c| Instant::now() + c.time_left() + config.jwt_leeway);
+        let expires_at = claims.as_ref().and_then(|c| expiry(c, config.jwt_leeway));
         Self {
             claims,
             expires_at,
@@ -81,8 +82,14 @@ impl Session {
             node.metrics().auth_failures.with_label_values(&["subject_changed"]).inc();
             return Err((ErrorCode::Unauthorized, "a refreshed token must be for the same `sub`".into()));
         }
-        self.expires_at = Some(Instant::now() + claims.time_left() + node.config().jwt_leeway);
+        self.expires_at = expiry(&claims, node.config().jwt_leeway);
         self.claims = Some(claims);
         Ok(())
     }
+}
+
+/// When a socket authenticated by `claims` must close: `exp` plus the leeway, on the monotonic
+/// clock. `None` for an expiry too far away to represent (an `exp` of centuries): never.
+fn expiry(claims: &Claims, leeway: Duration) -> Option<Instant> {
+    Instant::now().checked_add(claims.time_left().saturating_add(leeway))
 }
