@@ -18,7 +18,7 @@ pub const DEFAULT_QUEUE_SIZE: usize = 1024;
 /// Default size limit of one incoming frame (and of a publish body), in bytes.
 pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 64 * 1024;
 /// Default WebSocket read buffer per socket, in bytes.
-pub const DEFAULT_READ_BUFFER_SIZE: usize = 2048;
+pub const DEFAULT_READ_BUFFER_SIZE: usize = 1024;
 /// Default size at which buffered outgoing frames are written without waiting for a flush.
 pub const DEFAULT_WRITE_BUFFER_SIZE: usize = 32 * 1024;
 
@@ -156,6 +156,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_CANARY_TIMEOUT", default_value = "3s", value_parser = humantime::parse_duration)]
     pub canary_timeout: Duration,
 
+    /// Runtime worker threads (default: one per CPU). On a box shared with other busy processes,
+    /// fewer workers than CPUs cut cross-core hand-offs; to use many cores, run more nodes.
+    #[arg(long, env = "GATEWAY_WORKER_THREADS")]
+    pub worker_threads: Option<usize>,
+
     /// Log line format; the level comes from RUST_LOG (default `info`).
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
@@ -200,6 +205,9 @@ impl Config {
         }
         if self.max_message_size < 256 {
             return bad("--max-message-size must be at least 256 bytes");
+        }
+        if self.worker_threads == Some(0) {
+            return bad("--worker-threads must be at least 1");
         }
         if self.read_buffer_size < 256 {
             return bad("--read-buffer-size must be at least 256 bytes");

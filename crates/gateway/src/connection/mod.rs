@@ -27,8 +27,8 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::{Instant, Sleep, sleep, timeout};
 
-/// Most queued frames written before one flush.
-const MAX_BATCH: u64 = 1024;
+/// A batch buffer larger than this is shrunk after its write, so a burst's memory is returned.
+const KEPT_BATCH_CAPACITY: usize = 64;
 /// Most publishes of one socket waiting for the backplane; beyond it the socket is not read.
 const MAX_IN_FLIGHT: usize = 256;
 
@@ -94,7 +94,8 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
         session,
         pending: None,
         publishes: VecDeque::new(),
-        held: None,
+        batch: VecDeque::new(),
+        lingering: false,
         last_flush: None,
     };
     let exit = socket.serve().await;
@@ -104,7 +105,9 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
     };
     socket.node.metrics().disconnects.with_label_values(&[label]).inc();
     tracing::debug!(conn, reason = label, "socket closing");
-    socket.finish(exit).await;
+    // Boxed, like the writes below: the task's future stays small for idle sockets, and these
+    // states are short-lived.
+    Box::pin(socket.finish(exit)).await;
 }
 
 struct Socket {
@@ -118,8 +121,10 @@ struct Socket {
     pending: Option<Pending>,
     /// Publishes sent to the backplane and not yet answered, oldest first.
     publishes: VecDeque<(Option<FrameId>, Published)>,
-    /// The first frame of the next batch while the socket lingers (see [`Socket::hold_or_write`]).
-    held: Option<Frame>,
+    /// Frames taken from the queue and being written.
+    batch: VecDeque<Frame>,
+    /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
+    lingering: bool,
     /// When the last batch was flushed (drives the write linger).
     last_flush: Option<Instant>,
 }
@@ -146,23 +151,20 @@ impl Socket {
                 biased;
                 reason = self.switch.closed() => return Exit::Close(reason),
                 () = shutdown.cancelled() => return Exit::Close(CloseCode::GoingAway),
-                Some(frame) = self.rx.recv(), if self.held.is_none() => {
-                    if let Err(exit) = self.hold_or_write(frame, linger_over.as_mut()).await {
+                () = self.rx.ready(), if !self.lingering => {
+                    if let Some(flush_at) = self.linger_until() {
+                        self.lingering = true;
+                        linger_over.as_mut().reset(flush_at);
+                    } else if let Err(exit) = Box::pin(self.write_batch()).await {
                         return exit;
                     }
                 }
-                () = &mut linger_over, if self.held.is_some() => {
-                    if let Some(frame) = self.held.take()
-                        && let Err(exit) = self.write_batch(frame).await
-                    {
-                        return exit;
-                    }
-                }
-                // A burst is filling the queue: write it now rather than risk overflowing.
-                () = self.switch.urged(), if self.held.is_some() => {
-                    if let Some(frame) = self.held.take()
-                        && let Err(exit) = self.write_batch(frame).await
-                    {
+                // The linger is over, or a burst is filling the queue: write now.
+                () = async { tokio::select! { () = &mut linger_over => (), () = self.switch.urged() => () } },
+                    if self.lingering =>
+                {
+                    self.lingering = false;
+                    if let Err(exit) = Box::pin(self.write_batch()).await {
                         return exit;
                     }
                 }
@@ -199,7 +201,7 @@ impl Socket {
                             heartbeat.as_mut().reset(last_seen + ping_interval);
                         }
                         _ => {
-                            if let Err(exit) = self.write_now(Message::Ping(Default::default())).await {
+                            if let Err(exit) = Box::pin(self.write_now(Message::Ping(Default::default()))).await {
                                 return exit;
                             }
                             ping_sent = Some(now);
@@ -217,40 +219,30 @@ impl Socket {
         }
     }
 
-    /// Writes `first` with everything queued behind it, unless the socket is busy: when its
-    /// previous flush was less than `--write-linger` ago, `first` is held and the batch is
-    /// written once that linger has passed, so one write carries everything that arrived in the
-    /// meantime. A socket that receives rarely is written to at once. While a frame is held the
-    /// loop keeps reading, answering and heartbeating; only the queue is left alone.
-    async fn hold_or_write(&mut self, first: Frame, linger_over: Pin<&mut Sleep>) -> Result<(), Exit> {
+    /// When a busy socket should write what is queued: its previous flush was less than
+    /// `--write-linger` ago, so waiting until that linger has passed lets one write carry
+    /// everything that arrives meanwhile. `None`: write now (the socket receives rarely, or the
+    /// queue is already half full). While it lingers the loop keeps reading, answering and
+    /// heartbeating; only the queue waits.
+    fn linger_until(&self) -> Option<Instant> {
         let config = self.node.config();
-        if let Some(flush_at) = self.last_flush.map(|at| at + config.write_linger)
-            && Instant::now() < flush_at
-            && self.rx.len() < config.queue_size / 2
-        {
-            self.held = Some(first);
-            linger_over.reset(flush_at);
-            return Ok(());
-        }
-        self.write_batch(first).await
+        let flush_at = self.last_flush? + config.write_linger;
+        (Instant::now() < flush_at && self.rx.len() < config.queue_size / 2).then_some(flush_at)
     }
 
-    /// Writes `first` and everything else already queued, then flushes once. A close asked
-    /// meanwhile (the queue overflowed while the peer stalled the write) ends the write at once.
-    async fn write_batch(&mut self, first: Frame) -> Result<(), Exit> {
+    /// Writes everything queued, then flushes once. A close asked meanwhile (the queue
+    /// overflowed while the peer stalled the write) ends the write at once.
+    async fn write_batch(&mut self) -> Result<(), Exit> {
         let write_timeout = self.node.config().write_timeout;
-        let Self { ws, rx, switch, .. } = self;
+        let Self { ws, rx, switch, batch, .. } = self;
+        rx.drain_into(batch);
         let metrics = self.node.metrics();
         let write = async {
             timeout(write_timeout, async {
-                ws.feed(Message::Text(first)).await?;
-                let mut written = 1u64;
-                while written < MAX_BATCH {
-                    let Some(frame) = rx.try_recv() else { break };
+                let written = batch.len() as u64;
+                while let Some(frame) = batch.pop_front() {
                     ws.feed(Message::Text(frame)).await?;
-                    written += 1;
                 }
-                rx.settle();
                 ws.flush().await?;
                 Ok::<u64, axum::Error>(written)
             })
@@ -262,6 +254,9 @@ impl Socket {
             wrote = write => wrote,
         };
         self.last_flush = Some(Instant::now());
+        if self.batch.capacity() > KEPT_BATCH_CAPACITY {
+            self.batch.shrink_to(KEPT_BATCH_CAPACITY);
+        }
         match wrote {
             Ok(Ok(n)) => {
                 metrics.frames_sent.inc_by(n);
@@ -411,10 +406,8 @@ impl Socket {
         self.registration.leave();
         let Exit::Close(code) = exit else { return };
         let write_timeout = self.node.config().write_timeout;
-        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout)
-            && let Some(frame) = self.held.take().or_else(|| self.rx.try_recv())
-        {
-            let _ = self.write_batch(frame).await;
+        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) && !self.rx.is_empty() {
+            let _ = self.write_batch().await;
         }
         let close =
             Message::Close(Some(CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) }));
