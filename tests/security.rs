@@ -138,13 +138,7 @@ async fn read_response(stream: &mut TcpStream) -> HttpResponse {
         assert!(n == 1, "the connection closed before a full response head: {:?}", String::from_utf8_lossy(&raw));
         raw.push(byte[0]);
     }
-    let head = String::from_utf8_lossy(&raw).into_owned();
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split(' ').nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_owned()))
-        .collect();
+    let (status, headers) = support::http::parse_head(&String::from_utf8_lossy(&raw));
     let length = headers.iter().find(|(n, _)| n == "content-length").and_then(|(_, v)| v.parse().ok()).unwrap_or(0);
     let mut body = vec![0u8; length];
     within("an HTTP body", stream.read_exact(&mut body)).await.expect("HTTP body");

@@ -96,17 +96,28 @@ impl Drop for ConnectionSlot {
 /// The client's IP: the TCP peer, or, when the peer is a trusted proxy, the right-most address
 /// of `X-Forwarded-For` that is not itself a trusted proxy.
 pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
+    // A node listening on `[::]` sees IPv4 peers as IPv4-mapped IPv6 addresses.
+    let peer = peer.to_canonical();
     if !config.is_trusted_proxy(peer) {
         return peer;
     }
-    let forwarded = headers
+    let hops = headers
         .get_all("x-forwarded-for")
         .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse::<IpAddr>().ok())
+        .flat_map(|v| v.to_str().unwrap_or("").split(','))
+        .map(|a| a.trim().parse::<IpAddr>().map(|ip| ip.to_canonical()))
         .collect::<Vec<_>>();
-    forwarded.into_iter().rev().find(|ip| !config.is_trusted_proxy(*ip)).unwrap_or(peer)
+    // From the nearest hop outwards: the first address not of a trusted proxy is the client.
+    // An entry that is not an address stops the walk at the last hop we could trust.
+    let mut client = peer;
+    for hop in hops.into_iter().rev() {
+        match hop {
+            Ok(ip) if config.is_trusted_proxy(ip) => client = ip,
+            Ok(ip) => return ip,
+            Err(_) => break,
+        }
+    }
+    client
 }
 
 /// A token bucket: `rate` tokens per second, up to `burst`, plus a count of refusals in a row.
@@ -180,6 +191,23 @@ mod tests {
         h.insert("x-forwarded-for", "1.2.3.4, 127.0.0.1".parse().expect("header"));
         assert_eq!(client_ip(&c, "127.0.0.1".parse().expect("ip"), &h), "1.2.3.4".parse::<IpAddr>().expect("ip"));
         assert_eq!(client_ip(&c, "9.9.9.9".parse().expect("ip"), &h), "9.9.9.9".parse::<IpAddr>().expect("ip"));
+    }
+
+    #[test]
+    fn forwarded_for_stops_at_garbage_and_unmaps_ipv4() {
+        let c = config(&["--trusted-proxies", "127.0.0.1,10.0.0.0/8"]);
+        let proxy: IpAddr = "127.0.0.1".parse().expect("ip");
+        let with = |value: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("x-forwarded-for", value.parse().expect("header"));
+            client_ip(&c, proxy, &h)
+        };
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        // A hop that is not an address: whatever stands left of it was not vouched for.
+        assert_eq!(with("6.6.6.6, unknown, 10.0.0.7"), ip("10.0.0.7"));
+        assert_eq!(with("6.6.6.6, unknown"), proxy);
+        // An IPv4-mapped IPv6 address is the IPv4 client it maps.
+        assert_eq!(with("::ffff:1.2.3.4"), ip("1.2.3.4"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -421,6 +421,21 @@ enum Event {
     Read(Result<usize, crate::ws::WsError>),
 }
 
+/// Why a read ended the connection (end of stream or an error); `None` when it brought bytes.
+fn read_failure(read: &Result<usize, crate::ws::WsError>) -> Option<String> {
+    match read {
+        Ok(0) => Some("eof".to_owned()),
+        Err(e) => Some(e.label()),
+        Ok(_) => None,
+    }
+}
+
+/// Records one lost connection and why.
+fn count_disconnect(disconnects: &AtomicU64, reasons: &Mutex<Tally>, why: String) {
+    disconnects.fetch_add(1, Relaxed);
+    lock(reasons).add(why, 1);
+}
+
 /// One subscriber: reads until stopped or disconnected, recording every record. Per read batch:
 /// one clock reading, counters flushed to the shared atomics, latencies into the shared
 /// histogram under one lock. Nothing allocated per delivery.
@@ -439,13 +454,10 @@ async fn subscriber(mut conn: WsConn, sh: Arc<SubShared>, mut stop: watch::Recei
                 conn.close(Duration::from_secs(2)).await;
                 return;
             }
-            Event::Read(Ok(0)) => Some("eof".to_owned()),
-            Event::Read(Err(e)) => Some(e.label()),
-            Event::Read(Ok(_)) => None,
+            Event::Read(read) => read_failure(&read),
         };
         if let Some(why) = why {
-            sh.disconnects.fetch_add(1, Relaxed);
-            lock(&sh.close_reasons).add(why, 1);
+            count_disconnect(&sh.disconnects, &sh.close_reasons, why);
             return;
         }
         let now = now_ns();
@@ -618,13 +630,10 @@ async fn publisher_reader(
                 let _ = tokio::time::timeout(Duration::from_secs(1), ctl.flush(&mut *w)).await;
                 return;
             }
-            Event::Read(Ok(0)) => Some("eof".to_owned()),
-            Event::Read(Err(e)) => Some(e.label()),
-            Event::Read(Ok(_)) => None,
+            Event::Read(read) => read_failure(&read),
         };
         if let Some(why) = why {
-            sh.disconnects.fetch_add(1, Relaxed);
-            lock(&sh.close_reasons).add(why, 1);
+            count_disconnect(&sh.disconnects, &sh.close_reasons, why);
             return;
         }
         let now = now_ns();
