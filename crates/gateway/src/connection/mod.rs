@@ -210,9 +210,11 @@ impl Socket {
                     }
                 }
                 () = expiry_fired(&mut expiry) => {
+                    // A refresh may have moved the expiry, or removed it (an `exp` too far to time).
                     match self.session.expires_at() {
                         Some(at) if at > Instant::now() => expiry.set(Some(Box::pin(tokio::time::sleep_until(at)))),
-                        _ => return Exit::Close(CloseCode::TokenExpired),
+                        Some(_) => return Exit::Close(CloseCode::TokenExpired),
+                        None => expiry.set(None),
                     }
                 }
             }
@@ -403,6 +405,9 @@ impl Socket {
     /// before a shutdown) is flushed first, unless the peer is the reason: a slow consumer or
     /// a silent peer gets its close frame at once.
     async fn finish(mut self, exit: Exit) {
+        // A pending subscribe may hold its channel stripe's lock: release it before the close
+        // handshake (the hub entry is covered by the registration, which already lists it).
+        self.pending = None;
         self.registration.leave();
         let Exit::Close(code) = exit else { return };
         let write_timeout = self.node.config().write_timeout;

@@ -110,8 +110,9 @@ struct Queue {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
+        let mut frames = self.queue.frames.lock();
         self.queue.gone.store(true, Ordering::Release);
-        self.queue.frames.lock().clear();
+        frames.clear();
     }
 }
 
@@ -181,7 +182,9 @@ impl Outbox {
         }
         let queued = {
             let mut frames = self.queue.frames.lock();
-            if frames.len() >= self.queue.capacity {
+            if self.queue.gone.load(Ordering::Acquire) {
+                return Push::Gone;
+            } else if frames.len() >= self.queue.capacity {
                 None
             } else {
                 frames.push_back(frame);
