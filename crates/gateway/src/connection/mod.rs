@@ -139,7 +139,15 @@ impl Socket {
         tokio::pin!(heartbeat);
         let expiry = self.session.expiry_timer();
         tokio::pin!(expiry);
+        // Both close signals are waited on by one future each for the whole loop: re-creating them
+        // every pass would register and unregister a waiter (under a lock) per pass, and the
+        // shutdown token's lock is shared by every socket of the node.
+        let switch = self.switch.clone();
+        let closed = switch.closed();
+        tokio::pin!(closed);
         let shutdown = self.node.shutdown_token().clone();
+        let shutdown = shutdown.cancelled();
+        tokio::pin!(shutdown);
         let linger_over = sleep(Duration::ZERO);
         tokio::pin!(linger_over);
         // Reading pauses while our own queue is half full, so a client that pipelines faster
@@ -149,8 +157,8 @@ impl Socket {
         loop {
             tokio::select! {
                 biased;
-                reason = self.switch.closed() => return Exit::Close(reason),
-                () = shutdown.cancelled() => return Exit::Close(CloseCode::GoingAway),
+                reason = &mut closed => return Exit::Close(reason),
+                () = &mut shutdown => return Exit::Close(CloseCode::GoingAway),
                 () = self.rx.ready(), if !self.lingering => {
                     if let Some(flush_at) = self.linger_until() {
                         self.lingering = true;

@@ -54,8 +54,8 @@ impl CloseSwitch {
     pub fn close(&self, reason: CloseCode) {
         let index = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap_or(7) as u8 + 1;
         if self.reason.compare_exchange(NO_REASON, index, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // One waiter (the socket's task); a stored permit covers the case where it is busy.
-            self.wake.notify_one();
+            // Every waiter: the socket's loop and, when it is stuck in a write, that write.
+            self.wake.notify_waiters();
         }
     }
 
@@ -75,10 +75,14 @@ impl CloseSwitch {
     /// Resolves once the socket was asked to close, with the reason.
     pub async fn closed(&self) -> CloseCode {
         loop {
+            // Registered before the reason is read, so a close between the two still wakes us.
+            let notified = self.wake.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
             if let Some(reason) = self.reason() {
                 return reason;
             }
-            self.wake.notified().await;
+            notified.await;
         }
     }
 }
