@@ -1,7 +1,8 @@
 //! One socket's life, from upgrade to close, in one task.
 //!
 //! A single `select!` loop plays both pumps of the classic design: it reads client frames and
-//! turns them into node calls, and it drains the [`Outbox`] (feed everything queued, flush once).
+//! turns them into node calls, and it drains the [`Outbox`] (feed everything queued, flush once;
+//! a busy socket first lets `--write-linger` pass since its last flush, so one write carries more).
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
