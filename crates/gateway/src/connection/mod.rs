@@ -151,9 +151,6 @@ impl Socket {
         tokio::pin!(shutdown);
         let linger_over = sleep(Duration::ZERO);
         tokio::pin!(linger_over);
-        // Reading pauses while our own queue is half full, so a client that pipelines faster
-        // than its replies can be written is slowed down instead of overflowing its queue.
-        let read_pause = config.queue_size.div_ceil(2);
 
         loop {
             tokio::select! {
@@ -187,8 +184,10 @@ impl Socket {
                         Err(e) => self.reply_error(id.as_ref(), e.code(), &e.to_string()),
                     }
                 }
+                // Reading pauses while our own queue is half full, so a client that pipelines faster
+                // than its replies can be written is slowed down instead of overflowing its queue.
                 incoming = self.ws.next(),
-                    if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && self.rx.len() < read_pause =>
+                    if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && !self.rx.is_half_full() =>
                 {
                     last_seen = Instant::now();
                     match incoming {
@@ -236,9 +235,8 @@ impl Socket {
     /// queue is already half full). While it lingers the loop keeps reading, answering and
     /// heartbeating; only the queue waits.
     fn linger_until(&self) -> Option<Instant> {
-        let config = self.node.config();
-        let flush_at = self.last_flush? + config.write_linger;
-        (Instant::now() < flush_at && self.rx.len() < config.queue_size / 2).then_some(flush_at)
+        let flush_at = self.last_flush? + self.node.config().write_linger;
+        (Instant::now() < flush_at && !self.rx.is_half_full()).then_some(flush_at)
     }
 
     /// Writes everything queued, then flushes once. A close asked meanwhile (the queue
@@ -419,20 +417,22 @@ impl Socket {
         self.pending = None;
         self.registration.leave();
         let Exit::Close(code) = exit else { return };
-        let write_timeout = self.node.config().write_timeout;
         if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) && !self.rx.is_empty() {
             let _ = self.write_batch().await;
         }
-        let close =
-            Message::Close(Some(CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) }));
-        if self.write_now(close).await.is_err() {
-            return;
-        }
-        let _ = timeout(write_timeout.min(Duration::from_secs(5)), async {
-            while let Some(Ok(_)) = self.ws.next().await {}
-        })
-        .await;
+        close_handshake(&mut self.ws, code, self.node.config().write_timeout).await;
     }
+}
+
+/// Sends a close frame with `code` (bounded by `write_timeout`), then reads until the peer
+/// completes the closing handshake, for at most `min(write_timeout, 5 s)`.
+pub(crate) async fn close_handshake(ws: &mut WebSocket, code: CloseCode, write_timeout: Duration) {
+    let frame = CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) };
+    if !matches!(timeout(write_timeout, ws.send(Message::Close(Some(frame)))).await, Ok(Ok(()))) {
+        return;
+    }
+    let _ =
+        timeout(write_timeout.min(Duration::from_secs(5)), async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }
 
 /// Resolves with the oldest publish's outcome (answers go out in the order commands came in).

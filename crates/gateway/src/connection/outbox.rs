@@ -26,8 +26,8 @@ pub type Frame = Utf8Bytes;
 pub type ConnId = u64;
 
 /// Shared between a socket's task and everyone who may ask it to close (the hub, when the
-/// queue is full), and the queue's call to write without lingering. Node shutdown is signalled separately, by the
-/// node's root token.
+/// queue is full), with the queue's call to write without lingering. Node shutdown is signalled
+/// separately, by the node's root token.
 #[derive(Debug, Default)]
 pub struct CloseSwitch {
     wake: Notify,
@@ -112,6 +112,13 @@ struct Queue {
     gone: AtomicBool,
 }
 
+impl Queue {
+    /// The fill level at which the socket stops lingering and stops reading: half the capacity.
+    fn half(&self) -> usize {
+        self.capacity.div_ceil(2)
+    }
+}
+
 impl Drop for Inbox {
     fn drop(&mut self) {
         let mut frames = self.queue.frames.lock();
@@ -155,7 +162,14 @@ impl Inbox {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// Whether the queue is at least half full: time to write without lingering, and to stop
+    /// reading the client (its replies would queue behind).
+    pub fn is_half_full(&self) -> bool {
+        self.len() >= self.queue.half()
+    }
 }
+
 /// What happened to a pushed frame.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Push {
@@ -181,9 +195,6 @@ impl Outbox {
 
     /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer".
     pub fn push(&self, frame: Frame) -> Push {
-        if self.queue.gone.load(Ordering::Acquire) {
-            return Push::Gone;
-        }
         let queued = {
             let mut frames = self.queue.frames.lock();
             if self.queue.gone.load(Ordering::Acquire) {
@@ -205,7 +216,7 @@ impl Outbox {
                 Push::Queued
             }
             Some(n) => {
-                if n == self.queue.capacity.div_ceil(2) {
+                if n == self.queue.half() {
                     self.switch.urge.notify_one();
                 }
                 Push::Queued

@@ -10,14 +10,14 @@
 //! connection without a close frame.
 
 use crate::config::Config;
+use crate::connection;
 use crate::node::Node;
 use axum::extract::State;
-use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
 use futures_util::StreamExt;
 use gateway_protocol::CloseCode;
 use std::sync::Arc;
-use std::time::Duration;
 use tokio::time::timeout;
 
 pub(super) async fn upgrade(State(node): State<Arc<Node>>, upgrade: WebSocketUpgrade) -> Response {
@@ -43,7 +43,7 @@ async fn echo(mut socket: WebSocket, config: &Config) {
                     Some(tungstenite::Error::Capacity(_))
                 );
                 if too_big {
-                    close(socket, CloseCode::TooBig, write_timeout).await;
+                    connection::close_handshake(&mut socket, CloseCode::TooBig, write_timeout).await;
                 }
                 return;
             }
@@ -52,15 +52,4 @@ async fn echo(mut socket: WebSocket, config: &Config) {
             return;
         }
     }
-}
-
-/// Sends a close frame with `code`, then reads until the peer completes the closing handshake.
-async fn close(mut socket: WebSocket, code: CloseCode, write_timeout: Duration) {
-    let frame = CloseFrame { code: code.code(), reason: code.reason().into() };
-    if !matches!(timeout(write_timeout, socket.send(Message::Close(Some(frame)))).await, Ok(Ok(()))) {
-        return;
-    }
-    let _ =
-        timeout(write_timeout.min(Duration::from_secs(5)), async { while let Some(Ok(_)) = socket.next().await {} })
-            .await;
 }
