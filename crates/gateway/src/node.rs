@@ -7,6 +7,7 @@ use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, BackplaneError, PublishAck};
 use crate::config::Config;
 use crate::connection::outbox::{ConnId, Frame, Outbox};
+use crate::connection::roster::Roster;
 use crate::hub::Hub;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
@@ -72,6 +73,7 @@ pub struct Node {
     limits: ConnectionLimits,
     shutdown: CancellationToken,
     tracker: TaskTracker,
+    roster: Arc<Roster>,
     draining: AtomicBool,
     /// Serialises subscribe/unsubscribe per channel stripe, held across the backplane call.
     stripes: Box<[tokio::sync::Mutex<()>]>,
@@ -99,6 +101,15 @@ impl Node {
         };
         let auth = Authenticator::from_config(&config)?;
         let limits = ConnectionLimits::new(&config);
+        let roster = Arc::new(Roster::default());
+        // Sockets do not watch the shutdown token themselves (see `connection::roster`).
+        tracker.spawn({
+            let (roster, shutdown) = (roster.clone(), shutdown.clone());
+            async move {
+                shutdown.cancelled().await;
+                roster.close_all();
+            }
+        });
         metrics.ready.set(1);
         Ok(Arc::new(Self {
             config: Arc::new(config),
@@ -110,6 +121,7 @@ impl Node {
             limits,
             shutdown,
             tracker,
+            roster,
             draining: AtomicBool::new(false),
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             next_conn: AtomicU64::new(1),
@@ -154,6 +166,11 @@ impl Node {
     /// Tracks every task the node spawns, sockets included.
     pub fn tracker(&self) -> &TaskTracker {
         &self.tracker
+    }
+
+    /// Every live socket of the node.
+    pub fn roster(&self) -> &Roster {
+        &self.roster
     }
 
     /// A fresh connection id.

@@ -6,11 +6,13 @@
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
-//! until it resolves, while writing goes on. Heartbeats, token expiry and
-//! shutdown are timers and tokens of the same loop. [`Registration`] leaves the hub on every exit
-//! path, panics and cancellation included.
+//! until it resolves, while writing goes on. Heartbeats and token expiry are timers of the same
+//! loop; a close (slow consumer, node shutdown through the [`roster::Roster`]) arrives on the
+//! socket's [`CloseSwitch`]. [`Registration`] leaves the hub and the roster on every exit path,
+//! panics and cancellation included.
 
 pub mod outbox;
+pub mod roster;
 pub mod session;
 
 pub use session::Session;
@@ -33,8 +35,8 @@ const KEPT_BATCH_CAPACITY: usize = 64;
 /// Most publishes of one socket waiting for the backplane; beyond it the socket is not read.
 const MAX_IN_FLIGHT: usize = 256;
 
-/// Keeps a socket's hub entries and gauges right: dropping it (on any exit) removes the socket
-/// from every channel it had.
+/// Keeps a socket's hub entries, roster entry and gauges right: dropping it (on any exit)
+/// removes the socket from every channel it had and from the roster.
 struct Registration {
     node: Arc<Node>,
     conn: ConnId,
@@ -42,9 +44,10 @@ struct Registration {
 }
 
 impl Registration {
-    fn new(node: Arc<Node>, conn: ConnId) -> Self {
+    fn new(node: Arc<Node>, conn: ConnId, switch: Arc<CloseSwitch>) -> Self {
         node.metrics().connections.inc();
         node.metrics().connects.inc();
+        node.roster().add(conn, switch);
         Self { node, conn, channels: HashSet::new() }
     }
 }
@@ -59,6 +62,7 @@ impl Registration {
 impl Drop for Registration {
     fn drop(&mut self) {
         self.leave();
+        self.node.roster().remove(self.conn);
         self.node.metrics().connections.dec();
     }
 }
@@ -84,7 +88,7 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
     let conn = node.next_conn_id();
     let switch = Arc::new(CloseSwitch::default());
     let (outbox, rx) = Outbox::new(node.config().queue_size, switch.clone());
-    let registration = Registration::new(node.clone(), conn);
+    let registration = Registration::new(node.clone(), conn, switch.clone());
     let mut socket = Socket {
         ws,
         rx,
@@ -140,23 +144,14 @@ impl Socket {
         tokio::pin!(heartbeat);
         let expiry = self.session.expiry_timer();
         tokio::pin!(expiry);
-        // Both close signals are waited on by one future each for the whole loop: re-creating them
-        // every pass would register and unregister a waiter (under a lock) per pass, and the
-        // shutdown token's lock is shared by every socket of the node.
         let switch = self.switch.clone();
-        let closed = switch.closed();
-        tokio::pin!(closed);
-        let shutdown = self.node.shutdown_token().clone();
-        let shutdown = shutdown.cancelled();
-        tokio::pin!(shutdown);
         let linger_over = sleep(Duration::ZERO);
         tokio::pin!(linger_over);
 
         loop {
             tokio::select! {
                 biased;
-                reason = &mut closed => return Exit::Close(reason),
-                () = &mut shutdown => return Exit::Close(CloseCode::GoingAway),
+                reason = switch.closed() => return Exit::Close(reason),
                 () = self.rx.ready(), if !self.lingering => {
                     if let Some(flush_at) = self.linger_until() {
                         self.lingering = true;

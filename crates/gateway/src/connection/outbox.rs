@@ -8,6 +8,11 @@
 //! lock per push and one per written batch. Compared with tokio's bounded channel it takes no
 //! second lock per received frame (the permit hand-back showed in fan-out profiles), and an idle
 //! socket's queue keeps no pre-allocated block.
+//!
+//! Every signal to the socket's task (frames queued, queue half full, close asked) is an atomic
+//! flag plus one [`AtomicWaker`]: the task polls them on every wake-up, so each poll must stay a
+//! few atomic operations. (A `tokio::sync::Notify` takes its mutex whenever a waiting future is
+//! polled; shared by many sockets, that mutex was a node-wide lock on every wake-up.)
 
 use axum::extract::ws::Utf8Bytes;
 use futures_util::task::AtomicWaker;
@@ -16,8 +21,7 @@ use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
-use std::task::Poll;
-use tokio::sync::Notify;
+use std::task::{Context, Poll};
 
 /// A frame ready to be written: shared, immutable, valid UTF-8. Cloning it is a refcount.
 pub type Frame = Utf8Bytes;
@@ -25,15 +29,16 @@ pub type Frame = Utf8Bytes;
 /// Identifies one socket for the life of the process.
 pub type ConnId = u64;
 
-/// Shared between a socket's task and everyone who may ask it to close (the hub, when the
-/// queue is full), with the queue's call to write without lingering. Node shutdown is signalled
-/// separately, by the node's root token.
+/// Shared between a socket's task and everyone who may ask it to close (the hub when the queue
+/// is full, the node's roster at shutdown), with the queue's call to write without lingering.
+/// Also holds the task's waker, which every signal of this module wakes.
 #[derive(Debug, Default)]
 pub struct CloseSwitch {
-    wake: Notify,
     reason: AtomicU8,
-    /// Signalled when the queue reaches half its capacity: stop lingering, write now.
-    urge: Notify,
+    /// Set when the queue reaches half its capacity: stop lingering, write now.
+    urge: AtomicBool,
+    /// The socket's task, waiting for frames, the urge or a close.
+    task: AtomicWaker,
 }
 
 const NO_REASON: u8 = 0;
@@ -54,8 +59,8 @@ impl CloseSwitch {
     pub fn close(&self, reason: CloseCode) {
         let index = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap_or(7) as u8 + 1;
         if self.reason.compare_exchange(NO_REASON, index, Ordering::AcqRel, Ordering::Acquire).is_ok() {
-            // Every waiter: the socket's loop and, when it is stuck in a write, that write.
-            self.wake.notify_waiters();
+            // The socket's task: its loop, or a write of its that the peer stalls.
+            self.task.wake();
         }
     }
 
@@ -68,22 +73,21 @@ impl CloseSwitch {
     }
 
     /// Resolves once the queue has filled to half its capacity since the last time it resolved.
+    /// Only the socket's own task may wait on it.
     pub async fn urged(&self) {
-        self.urge.notified().await;
+        std::future::poll_fn(|cx| self.poll_flag(cx, || self.urge.swap(false, Ordering::AcqRel).then_some(()))).await;
     }
 
-    /// Resolves once the socket was asked to close, with the reason.
+    /// Resolves once the socket was asked to close, with the reason. Only the socket's own task
+    /// may wait on it (from any number of places: they share the task's waker).
     pub async fn closed(&self) -> CloseCode {
-        loop {
-            // Registered before the reason is read, so a close between the two still wakes us.
-            let notified = self.wake.notified();
-            tokio::pin!(notified);
-            notified.as_mut().enable();
-            if let Some(reason) = self.reason() {
-                return reason;
-            }
-            notified.await;
-        }
+        std::future::poll_fn(|cx| self.poll_flag(cx, || self.reason())).await
+    }
+
+    /// Registers the task before reading the flag, so a signal between the two still wakes it.
+    fn poll_flag<T>(&self, cx: &mut Context<'_>, read: impl FnOnce() -> Option<T>) -> Poll<T> {
+        self.task.register(cx.waker());
+        read().map_or(Poll::Pending, Poll::Ready)
     }
 }
 
@@ -98,6 +102,7 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct Inbox {
     queue: Arc<Queue>,
+    switch: Arc<CloseSwitch>,
 }
 
 /// The frames themselves. A short mutex section per push and one per drained batch; an idle
@@ -106,8 +111,6 @@ pub struct Inbox {
 struct Queue {
     frames: Mutex<VecDeque<Frame>>,
     capacity: usize,
-    /// The socket's task, waiting in [`Inbox::ready`].
-    waiter: AtomicWaker,
     /// Set when the [`Inbox`] is dropped: the socket's task is gone.
     gone: AtomicBool,
 }
@@ -134,7 +137,7 @@ impl Inbox {
             let frames = self.queue.frames.lock();
             if frames.is_empty() {
                 // Registered under the lock: a push after it sees the new waker.
-                self.queue.waiter.register(cx.waker());
+                self.switch.task.register(cx.waker());
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -184,13 +187,8 @@ pub enum Push {
 impl Outbox {
     /// Creates a queue of `capacity` frames for a socket controlled by `switch`.
     pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> (Self, Inbox) {
-        let queue = Arc::new(Queue {
-            frames: Mutex::new(VecDeque::new()),
-            capacity,
-            waiter: AtomicWaker::new(),
-            gone: AtomicBool::new(false),
-        });
-        (Self { queue: queue.clone(), switch }, Inbox { queue })
+        let queue = Arc::new(Queue { frames: Mutex::new(VecDeque::new()), capacity, gone: AtomicBool::new(false) });
+        (Self { queue: queue.clone(), switch: switch.clone() }, Inbox { queue, switch })
     }
 
     /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer".
@@ -212,12 +210,13 @@ impl Outbox {
                 Push::SlowConsumer
             }
             Some(1) => {
-                self.queue.waiter.wake();
+                self.switch.task.wake();
                 Push::Queued
             }
             Some(n) => {
                 if n == self.queue.half() {
-                    self.switch.urge.notify_one();
+                    self.switch.urge.store(true, Ordering::Release);
+                    self.switch.task.wake();
                 }
                 Push::Queued
             }
