@@ -14,10 +14,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 const SHARDS: usize = 64;
 
+/// One shard: its sockets by id.
+type Shard = Mutex<HashMap<ConnId, Arc<CloseSwitch>>>;
+
 /// The node's live sockets.
 #[derive(Debug)]
 pub struct Roster {
-    shards: Box<[Mutex<HashMap<ConnId, Arc<CloseSwitch>>>]>,
+    shards: Box<[Shard]>,
     closing: AtomicBool,
 }
 
@@ -28,7 +31,7 @@ impl Default for Roster {
 }
 
 impl Roster {
-    fn shard(&self, conn: ConnId) -> &Mutex<HashMap<ConnId, Arc<CloseSwitch>>> {
+    fn shard(&self, conn: ConnId) -> &Shard {
         &self.shards[(conn % SHARDS as u64) as usize]
     }
 
