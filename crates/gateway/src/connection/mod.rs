@@ -160,13 +160,22 @@ impl Socket {
                         return exit;
                     }
                 }
-                // The linger is over, or a burst is filling the queue: write now.
+                // The linger is over, or a burst is filling the queue: write now, and linger again
+                // right away, since a socket this busy will have more before the linger is over
+                // (if it has none by then, it goes back to waiting for a first frame).
                 () = async { tokio::select! { () = &mut linger_over => (), () = self.switch.urged() => () } },
                     if self.lingering =>
                 {
                     self.lingering = false;
+                    if self.rx.is_empty() {
+                        continue;
+                    }
                     if let Err(exit) = Box::pin(self.write_batch()).await {
                         return exit;
+                    }
+                    if let Some(flush_at) = self.linger_until() {
+                        self.lingering = true;
+                        linger_over.as_mut().reset(flush_at);
                     }
                 }
                 done = poll_pending(&mut self.pending) => {

@@ -109,10 +109,20 @@ pub struct Inbox {
 /// socket's queue holds no allocation beyond its last batch's.
 #[derive(Debug)]
 struct Queue {
-    frames: Mutex<VecDeque<Frame>>,
+    state: Mutex<Queued>,
     capacity: usize,
     /// Set when the [`Inbox`] is dropped: the socket's task is gone.
     gone: AtomicBool,
+}
+
+/// What the queue's mutex guards.
+#[derive(Debug, Default)]
+struct Queued {
+    frames: VecDeque<Frame>,
+    /// The socket's task found the queue empty in [`Inbox::ready`] and waits for a frame. Only
+    /// then does a push wake it: a socket that lingers before its next write is not woken by
+    /// every frame that arrives meanwhile.
+    waiting: bool,
 }
 
 impl Queue {
@@ -124,9 +134,9 @@ impl Queue {
 
 impl Drop for Inbox {
     fn drop(&mut self) {
-        let mut frames = self.queue.frames.lock();
+        let mut state = self.queue.state.lock();
         self.queue.gone.store(true, Ordering::Release);
-        frames.clear();
+        state.frames.clear();
     }
 }
 
@@ -134,10 +144,11 @@ impl Inbox {
     /// Resolves once at least one frame is queued, without taking it (cancel-safe).
     pub async fn ready(&self) {
         std::future::poll_fn(|cx| {
-            let frames = self.queue.frames.lock();
-            if frames.is_empty() {
+            let mut state = self.queue.state.lock();
+            if state.frames.is_empty() {
                 // Registered under the lock: a push after it sees the new waker.
                 self.switch.task.register(cx.waker());
+                state.waiting = true;
                 Poll::Pending
             } else {
                 Poll::Ready(())
@@ -148,17 +159,17 @@ impl Inbox {
 
     /// Moves every queued frame to the back of `batch`, freeing their room in the queue.
     pub fn drain_into(&self, batch: &mut VecDeque<Frame>) {
-        let mut frames = self.queue.frames.lock();
+        let mut state = self.queue.state.lock();
         if batch.is_empty() {
-            std::mem::swap(&mut *frames, batch);
+            std::mem::swap(&mut state.frames, batch);
         } else {
-            batch.append(&mut frames);
+            batch.append(&mut state.frames);
         }
     }
 
     /// Frames waiting in the queue.
     pub fn len(&self) -> usize {
-        self.queue.frames.lock().len()
+        self.queue.state.lock().frames.len()
     }
 
     /// Whether no frame waits in the queue.
@@ -187,44 +198,97 @@ pub enum Push {
 impl Outbox {
     /// Creates a queue of `capacity` frames for a socket controlled by `switch`.
     pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> (Self, Inbox) {
-        let queue = Arc::new(Queue { frames: Mutex::new(VecDeque::new()), capacity, gone: AtomicBool::new(false) });
+        let queue = Arc::new(Queue { state: Mutex::default(), capacity, gone: AtomicBool::new(false) });
         (Self { queue: queue.clone(), switch: switch.clone() }, Inbox { queue, switch })
     }
 
     /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer".
     pub fn push(&self, frame: Frame) -> Push {
-        let queued = {
-            let mut frames = self.queue.frames.lock();
+        let (len, wake) = {
+            let mut state = self.queue.state.lock();
             if self.queue.gone.load(Ordering::Acquire) {
                 return Push::Gone;
-            } else if frames.len() >= self.queue.capacity {
-                None
-            } else {
-                frames.push_back(frame);
-                Some(frames.len())
-            }
-        };
-        match queued {
-            None => {
+            } else if state.frames.len() >= self.queue.capacity {
+                drop(state);
                 self.switch.close(CloseCode::SlowConsumer);
-                Push::SlowConsumer
+                return Push::SlowConsumer;
             }
-            Some(1) => {
-                self.switch.task.wake();
-                Push::Queued
-            }
-            Some(n) => {
-                if n == self.queue.half() {
-                    self.switch.urge.store(true, Ordering::Release);
-                    self.switch.task.wake();
-                }
-                Push::Queued
-            }
+            state.frames.push_back(frame);
+            (state.frames.len(), std::mem::take(&mut state.waiting))
+        };
+        if len == self.queue.half() {
+            self.switch.urge.store(true, Ordering::Release);
+            self.switch.task.wake();
+        } else if wake {
+            self.switch.task.wake();
         }
+        Push::Queued
     }
 
     /// The socket's close switch.
     pub fn switch(&self) -> &Arc<CloseSwitch> {
         &self.switch
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::task::{ArcWake, waker};
+    use std::future::Future;
+    use std::sync::atomic::AtomicUsize;
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn a_push_wakes_the_task_only_when_it_waits_for_frames_or_must_hurry() {
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let count = || wakes.0.load(Ordering::SeqCst);
+        let switch = Arc::new(CloseSwitch::default());
+        let (outbox, inbox) = Outbox::new(8, switch.clone());
+
+        {
+            let mut ready = std::pin::pin!(inbox.ready());
+            assert!(ready.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(outbox.push(Frame::from("1")), Push::Queued);
+            assert_eq!(count(), 1, "a waiting task is woken by the first frame");
+            assert!(ready.as_mut().poll(&mut cx).is_ready());
+        }
+
+        // Not waiting (say, lingering): more frames do not wake it...
+        for n in 2..4 {
+            outbox.push(Frame::from(n.to_string()));
+        }
+        assert_eq!(count(), 1);
+        let mut urged = std::pin::pin!(switch.urged());
+        assert!(urged.as_mut().poll(&mut cx).is_pending());
+        // ...until the queue is half full.
+        outbox.push(Frame::from("4"));
+        assert_eq!(count(), 2);
+        assert!(urged.as_mut().poll(&mut cx).is_ready());
+
+        let mut closed = std::pin::pin!(switch.closed());
+        assert!(closed.as_mut().poll(&mut cx).is_pending());
+        for n in 5..=8 {
+            assert_eq!(outbox.push(Frame::from(n.to_string())), Push::Queued);
+        }
+        assert_eq!(outbox.push(Frame::from("9")), Push::SlowConsumer);
+        assert_eq!(count(), 3, "closing wakes the task");
+        assert_eq!(closed.as_mut().poll(&mut cx), Poll::Ready(CloseCode::SlowConsumer));
+
+        let mut batch = VecDeque::new();
+        inbox.drain_into(&mut batch);
+        assert_eq!(batch.len(), 8);
+        drop(inbox);
+        assert_eq!(outbox.push(Frame::from("late")), Push::Gone);
     }
 }
