@@ -88,7 +88,7 @@ pub struct Config {
     /// Write coalescing: a socket flushed less than this long ago waits until this long has passed
     /// before its next write, so one write carries every frame queued meanwhile. Sockets that
     /// receive less often are written to at once. 0 disables.
-    #[arg(long, env = "GATEWAY_WRITE_LINGER", default_value = "5ms", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "GATEWAY_WRITE_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub write_linger: Duration,
 
     /// How long a socket may stay silent before the server pings it.

@@ -6,7 +6,7 @@ use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, BackplaneError, PublishAck};
 use crate::config::Config;
-use crate::connection::outbox::{ConnId, Frame, Outbox};
+use crate::connection::outbox::{ConnId, Outbox};
 use crate::connection::roster::Roster;
 use crate::hub::Hub;
 use crate::limits::ConnectionLimits;
@@ -133,6 +133,11 @@ impl Node {
         &self.config
     }
 
+    /// The configuration, shared.
+    pub fn config_arc(&self) -> Arc<Config> {
+        self.config.clone()
+    }
+
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id
@@ -249,8 +254,7 @@ impl Node {
     /// [`Published`] resolves once the backplane accepted (or refused) it.
     pub fn publish(self: &Arc<Self>, channel: &ChannelName, data: &RawValue, source: Source) -> Published {
         let ack = if self.backplane.is_up() {
-            let frame = Frame::from(encode_message(channel.as_str(), data));
-            self.backplane.publish(channel, frame)
+            self.backplane.publish(channel, encode_message(channel.as_str(), data))
         } else {
             PublishAck::refused(BackplaneError::Unavailable("backplane is not connected".into()))
         };

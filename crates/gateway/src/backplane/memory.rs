@@ -1,7 +1,7 @@
 //! The in-process backplane of a single node: publishing is delivering to the local hub.
 
 use super::{Backplane, BackplaneError, PublishAck};
-use crate::connection::outbox::Frame;
+use crate::connection::frame::Frame;
 use crate::hub::Hub;
 use async_trait::async_trait;
 use gateway_protocol::ChannelName;
@@ -25,7 +25,8 @@ impl MemoryBackplane {
 
 #[async_trait]
 impl Backplane for MemoryBackplane {
-    fn publish(&self, channel: &ChannelName, frame: Frame) -> PublishAck {
+    fn publish(&self, channel: &ChannelName, message: String) -> PublishAck {
+        let frame = Frame::text(&message);
         let stripe = self.hub.stripe(channel.as_str()) % self.order.len();
         let _in_order = self.order[stripe].lock();
         self.hub.deliver(channel.as_str(), &frame);

@@ -8,7 +8,6 @@
 pub mod memory;
 pub mod redis;
 
-use crate::connection::outbox::Frame;
 use async_trait::async_trait;
 use gateway_protocol::ChannelName;
 use std::future::Future;
@@ -27,11 +26,11 @@ pub enum BackplaneError {
 /// Carries encoded message frames between nodes.
 #[async_trait]
 pub trait Backplane: Send + Sync + 'static {
-    /// Publishes an encoded `message` frame on `channel`. The message takes its place in the
+    /// Publishes a `message` frame's JSON text on `channel`. The message takes its place in the
     /// channel's order before this returns (so a caller may publish again without waiting); the
     /// returned [`PublishAck`] resolves once the backplane accepted it. Every node subscribed to
     /// `channel`, this one included, then delivers it to its hub.
-    fn publish(&self, channel: &ChannelName, frame: Frame) -> PublishAck;
+    fn publish(&self, channel: &ChannelName, message: String) -> PublishAck;
 
     /// Starts receiving `channel`; returns once the subscription is live cluster-wide.
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BackplaneError>;

@@ -18,11 +18,10 @@
 
 use super::{Backplane, BackplaneError, PublishAck};
 use crate::config::Config;
-use crate::connection::outbox::Frame;
+use crate::connection::frame::Frame;
 use crate::hub::Hub;
 use crate::metrics::Metrics;
 use async_trait::async_trait;
-use bytes::Bytes;
 use deadpool_redis::{Pool, Runtime};
 use futures_util::StreamExt;
 use gateway_protocol::ChannelName;
@@ -50,7 +49,7 @@ const LANE_BATCH: usize = 512;
 /// One publish waiting in a lane.
 struct PublishRequest {
     channel: String,
-    payload: Frame,
+    payload: String,
     ack: oneshot::Sender<Result<(), BackplaneError>>,
 }
 
@@ -157,7 +156,7 @@ impl Shared {
     }
 
     /// Queues a PUBLISH in `lane`; its place in the channel's order is fixed on return.
-    fn enqueue(&self, lane: usize, channel: String, payload: Frame) -> PublishAck {
+    fn enqueue(&self, lane: usize, channel: String, payload: String) -> PublishAck {
         let (ack, answer) = oneshot::channel();
         match self.lanes[lane].try_send(PublishRequest { channel, payload, ack }) {
             Ok(()) => PublishAck::Waiting(answer),
@@ -252,7 +251,7 @@ impl Shared {
                 continue;
             }
             let Some(channel) = name.strip_prefix(self.prefix.as_str()) else { continue };
-            match Frame::try_from(Bytes::copy_from_slice(message.get_payload_bytes())) {
+            match Frame::text_from_utf8(message.get_payload_bytes()) {
                 Ok(frame) => {
                     self.hub.deliver(channel, &frame);
                 }
@@ -277,7 +276,7 @@ impl Shared {
             let payload = seq.to_string();
             let lane = (seq as usize) % LANES;
             let probe = async {
-                self.enqueue(lane, self.canary_channel.clone(), Frame::from(payload)).await.ok()?;
+                self.enqueue(lane, self.canary_channel.clone(), payload).await.ok()?;
                 seen.wait_for(|s| *s >= seq).await.ok().map(|_| ())
             };
             if timeout(deadline, probe).await.ok().flatten().is_none() && !shutdown.is_cancelled() {
@@ -349,10 +348,10 @@ impl Lane {
 
 #[async_trait]
 impl Backplane for RedisBackplane {
-    fn publish(&self, channel: &ChannelName, frame: Frame) -> PublishAck {
+    fn publish(&self, channel: &ChannelName, message: String) -> PublishAck {
         let s = &self.shared;
         let lane = s.hub.stripe(channel.as_str()) % LANES;
-        s.enqueue(lane, s.redis_channel(channel), frame)
+        s.enqueue(lane, s.redis_channel(channel), message)
     }
 
     async fn subscribe(&self, channel: &ChannelName) -> Result<(), BackplaneError> {

@@ -11,29 +11,41 @@
 //! socket's [`CloseSwitch`]. [`Registration`] leaves the hub and the roster on every exit path,
 //! panics and cancellation included.
 
+pub mod frame;
 pub mod outbox;
 pub mod roster;
 pub mod session;
 
 pub use session::Session;
 
+/// An upgraded WebSocket connection, as a socket's task owns it.
+pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+
 use crate::node::{CommandError, Node, Published, Source};
-use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
 use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
+use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Duration;
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep, timeout};
+use tokio_tungstenite::WebSocketStream;
+use tungstenite::protocol::CloseFrame;
+use tungstenite::{Message, Utf8Bytes};
 
 /// A batch buffer larger than this is shrunk after its write, so a burst's memory is returned.
 const KEPT_BATCH_CAPACITY: usize = 64;
 /// Most publishes of one socket waiting for the backplane; beyond it the socket is not read.
 const MAX_IN_FLIGHT: usize = 256;
+/// Most frames one vectored write carries.
+const MAX_SLICES: usize = 64;
 
 /// Keeps a socket's hub entries, roster entry and gauges right: dropping it (on any exit)
 /// removes the socket from every channel it had and from the roster.
@@ -84,7 +96,7 @@ enum Exit {
 }
 
 /// Runs one upgraded socket until it closes. Never panics on client input.
-pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
+pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
     let conn = node.next_conn_id();
     let switch = Arc::new(CloseSwitch::default());
     let (outbox, rx) = Outbox::new(node.config().queue_size, switch.clone());
@@ -100,6 +112,7 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
         pending: None,
         publishes: VecDeque::new(),
         batch: VecDeque::new(),
+        written: 0,
         lingering: false,
         last_flush: None,
     };
@@ -116,7 +129,7 @@ pub async fn run(ws: WebSocket, node: Arc<Node>, session: Session) {
 }
 
 struct Socket {
-    ws: WebSocket,
+    ws: WsStream,
     rx: Inbox,
     node: Arc<Node>,
     outbox: Outbox,
@@ -128,6 +141,8 @@ struct Socket {
     publishes: VecDeque<(Option<FrameId>, Published)>,
     /// Frames taken from the queue and being written.
     batch: VecDeque<Frame>,
+    /// Bytes of the batch's first frame already written (a write cut short resumes there).
+    written: usize,
     /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
     lingering: bool,
     /// When the last batch was flushed (drives the write linger).
@@ -156,7 +171,7 @@ impl Socket {
                     if let Some(flush_at) = self.linger_until() {
                         self.lingering = true;
                         linger_over.as_mut().reset(flush_at);
-                    } else if let Err(exit) = Box::pin(self.write_batch()).await {
+                    } else if let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
                     }
                 }
@@ -170,7 +185,7 @@ impl Socket {
                     if self.rx.is_empty() {
                         continue;
                     }
-                    if let Err(exit) = Box::pin(self.write_batch()).await {
+                    if let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
                     }
                     if let Some(flush_at) = self.linger_until() {
@@ -243,27 +258,27 @@ impl Socket {
         (Instant::now() < flush_at && !self.rx.is_half_full()).then_some(flush_at)
     }
 
-    /// Writes everything queued, then flushes once. A close asked meanwhile (the queue
-    /// overflowed while the peer stalled the write) ends the write at once.
-    async fn write_batch(&mut self) -> Result<(), Exit> {
+    /// Writes everything queued, in as few vectored writes as the batch allows. With
+    /// `abortable`, a close asked meanwhile (the queue overflowed while the peer stalled the
+    /// write) ends the write at once; the batch keeps what was not written.
+    async fn write_batch(&mut self, abortable: bool) -> Result<(), Exit> {
         let write_timeout = self.node.config().write_timeout;
-        let Self { ws, rx, switch, batch, .. } = self;
+        let Self { ws, rx, switch, batch, written, .. } = self;
         rx.drain_into(batch);
         let metrics = self.node.metrics();
+        let frames = batch.len() as u64;
         let write = async {
             timeout(write_timeout, async {
-                let written = batch.len() as u64;
-                while let Some(frame) = batch.pop_front() {
-                    ws.feed(Message::Text(frame)).await?;
-                }
-                ws.flush().await?;
-                Ok::<u64, axum::Error>(written)
+                // What the WebSocket layer holds (a pong it owes) goes out first, whole, so that
+                // the frames below start on a frame boundary.
+                ws.flush().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+                write_frames(ws.get_mut(), batch, written, usize::MAX).await.map_err(|e| e.kind())
             })
             .await
         };
         let wrote = tokio::select! {
             biased;
-            reason = switch.closed() => return Err(Exit::Close(reason)),
+            reason = switch.closed(), if abortable => return Err(Exit::Close(reason)),
             wrote = write => wrote,
         };
         self.last_flush = Some(Instant::now());
@@ -271,9 +286,9 @@ impl Socket {
             self.batch.shrink_to(KEPT_BATCH_CAPACITY);
         }
         match wrote {
-            Ok(Ok(n)) => {
-                metrics.frames_sent.inc_by(n);
-                metrics.write_batch.observe(n as f64);
+            Ok(Ok(())) => {
+                metrics.frames_sent.inc_by(frames);
+                metrics.write_batch.observe(frames as f64);
                 Ok(())
             }
             Ok(Err(_)) => Err(Exit::Gone("write_error")),
@@ -292,7 +307,7 @@ impl Socket {
 
     /// Queues a reply behind whatever is already queued (a full queue closes the socket).
     fn reply(&self, text: String) {
-        self.outbox.push(Utf8Bytes::from(text));
+        self.outbox.push(Frame::text(&text));
     }
 
     fn reply_error(&self, id: Option<&FrameId>, code: ErrorCode, message: &str) {
@@ -320,8 +335,8 @@ impl Socket {
             // Pings are answered by the WebSocket layer; any frame counts as a sign of life.
             Message::Ping(_) | Message::Pong(_) => None,
             // The WebSocket layer answers the close; reading on lets it flush that answer, and
-            // the stream then ends.
-            Message::Close(_) => None,
+            // the stream then ends. (Raw frames are never read.)
+            Message::Close(_) | Message::Frame(_) => None,
         }
     }
 
@@ -421,17 +436,62 @@ impl Socket {
         self.pending = None;
         self.registration.leave();
         let Exit::Close(code) = exit else { return };
-        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) && !self.rx.is_empty() {
-            let _ = self.write_batch().await;
+        let write_timeout = self.node.config().write_timeout;
+        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) {
+            if self.write_batch(false).await.is_err() {
+                return;
+            }
+        } else if self.written > 0 {
+            // A frame cut mid-way must be finished before the close frame can follow it.
+            let (io, batch) = (self.ws.get_mut(), &mut self.batch);
+            if !matches!(timeout(write_timeout, write_frames(io, batch, &mut self.written, 1)).await, Ok(Ok(()))) {
+                return;
+            }
         }
-        close_handshake(&mut self.ws, code, self.node.config().write_timeout).await;
+        close_handshake(&mut self.ws, code, write_timeout).await;
     }
+}
+
+/// Writes up to `limit` frames of `batch` to `io` in vectored writes, taking each frame off the
+/// batch once it is fully written; `written` is how much of the first frame is already out, and
+/// is kept up to date, so a write that is cut short (cancelled, timed out) can be resumed.
+async fn write_frames(
+    io: &mut (impl AsyncWrite + Unpin),
+    batch: &mut VecDeque<Frame>,
+    written: &mut usize,
+    mut limit: usize,
+) -> io::Result<()> {
+    while limit > 0 && !batch.is_empty() {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let count = batch.len().min(MAX_SLICES).min(limit);
+        for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
+            *slot = IoSlice::new(frame.wire());
+        }
+        slices[0] = IoSlice::new(&batch[0].wire()[*written..]);
+        let mut n = io.write_vectored(&slices[..count]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let Some(front) = batch.front() else { break };
+            let left = front.wire().len() - *written;
+            if n < left {
+                *written += n;
+                break;
+            }
+            n -= left;
+            *written = 0;
+            batch.pop_front();
+            limit -= 1;
+        }
+    }
+    Ok(())
 }
 
 /// Sends a close frame with `code` (bounded by `write_timeout`), then reads until the peer
 /// completes the closing handshake, for at most `min(write_timeout, 5 s)`.
-pub(crate) async fn close_handshake(ws: &mut WebSocket, code: CloseCode, write_timeout: Duration) {
-    let frame = CloseFrame { code: code.code(), reason: Utf8Bytes::from_static(code.reason()) };
+pub(crate) async fn close_handshake(ws: &mut WsStream, code: CloseCode, write_timeout: Duration) {
+    let frame = CloseFrame { code: code.code().into(), reason: Utf8Bytes::from_static(code.reason()) };
     if !matches!(timeout(write_timeout, ws.send(Message::Close(Some(frame)))).await, Ok(Ok(()))) {
         return;
     }
@@ -467,11 +527,10 @@ async fn expiry_fired(timer: &mut Pin<&mut Option<Pin<Box<Sleep>>>>) {
 }
 
 /// Maps a read error to how the socket ends: an oversized frame gets 1009, the rest just end.
-fn read_error(error: axum::Error) -> Exit {
-    let inner = error.into_inner();
-    match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => Exit::Close(CloseCode::TooBig),
-        Some(tungstenite::Error::Protocol(_)) => Exit::Gone("protocol_error"),
+fn read_error(error: tungstenite::Error) -> Exit {
+    match error {
+        tungstenite::Error::Capacity(_) => Exit::Close(CloseCode::TooBig),
+        tungstenite::Error::Protocol(_) => Exit::Gone("protocol_error"),
         _ => Exit::Gone("read_error"),
     }
 }

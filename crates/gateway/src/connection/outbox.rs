@@ -14,7 +14,7 @@
 //! few atomic operations. (A `tokio::sync::Notify` takes its mutex whenever a waiting future is
 //! polled; shared by many sockets, that mutex was a node-wide lock on every wake-up.)
 
-use axum::extract::ws::Utf8Bytes;
+pub use super::frame::Frame;
 use futures_util::task::AtomicWaker;
 use gateway_protocol::CloseCode;
 use parking_lot::Mutex;
@@ -22,9 +22,6 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::task::{Context, Poll};
-
-/// A frame ready to be written: shared, immutable, valid UTF-8. Cloning it is a refcount.
-pub type Frame = Utf8Bytes;
 
 /// Identifies one socket for the life of the process.
 pub type ConnId = u64;
@@ -259,29 +256,29 @@ mod tests {
         {
             let mut ready = std::pin::pin!(inbox.ready());
             assert!(ready.as_mut().poll(&mut cx).is_pending());
-            assert_eq!(outbox.push(Frame::from("1")), Push::Queued);
+            assert_eq!(outbox.push(Frame::text("1")), Push::Queued);
             assert_eq!(count(), 1, "a waiting task is woken by the first frame");
             assert!(ready.as_mut().poll(&mut cx).is_ready());
         }
 
         // Not waiting (say, lingering): more frames do not wake it...
         for n in 2..4 {
-            outbox.push(Frame::from(n.to_string()));
+            outbox.push(Frame::text(&n.to_string()));
         }
         assert_eq!(count(), 1);
         let mut urged = std::pin::pin!(switch.urged());
         assert!(urged.as_mut().poll(&mut cx).is_pending());
         // ...until the queue is half full.
-        outbox.push(Frame::from("4"));
+        outbox.push(Frame::text("4"));
         assert_eq!(count(), 2);
         assert!(urged.as_mut().poll(&mut cx).is_ready());
 
         let mut closed = std::pin::pin!(switch.closed());
         assert!(closed.as_mut().poll(&mut cx).is_pending());
         for n in 5..=8 {
-            assert_eq!(outbox.push(Frame::from(n.to_string())), Push::Queued);
+            assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
         }
-        assert_eq!(outbox.push(Frame::from("9")), Push::SlowConsumer);
+        assert_eq!(outbox.push(Frame::text("9")), Push::SlowConsumer);
         assert_eq!(count(), 3, "closing wakes the task");
         assert_eq!(closed.as_mut().poll(&mut cx), Poll::Ready(CloseCode::SlowConsumer));
 
@@ -289,6 +286,6 @@ mod tests {
         inbox.drain_into(&mut batch);
         assert_eq!(batch.len(), 8);
         drop(inbox);
-        assert_eq!(outbox.push(Frame::from("late")), Push::Gone);
+        assert_eq!(outbox.push(Frame::text("late")), Push::Gone);
     }
 }

@@ -9,26 +9,26 @@
 //! error (a protocol violation, invalid UTF-8) or a write that fails or times out drops the
 //! connection without a close frame.
 
+use super::error::ApiError;
+use super::upgrade::Upgrade;
 use crate::config::Config;
-use crate::connection;
+use crate::connection::{self, WsStream};
 use crate::node::Node;
-use axum::extract::State;
-use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::{Request, State};
 use axum::response::Response;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::CloseCode;
 use std::sync::Arc;
 use tokio::time::timeout;
+use tungstenite::Message;
 
-pub(super) async fn upgrade(State(node): State<Arc<Node>>, upgrade: WebSocketUpgrade) -> Response {
-    let in_flight = node.tracker().token();
-    super::ws::configure(upgrade, node.config()).on_upgrade(move |socket| async move {
-        echo(socket, node.config()).await;
-        drop(in_flight);
-    })
+pub(super) async fn upgrade(State(node): State<Arc<Node>>, mut request: Request) -> Result<Response, ApiError> {
+    let upgrade = Upgrade::check(&mut request)?;
+    let config = node.config_arc();
+    Ok(upgrade.serve(&node, move |socket| async move { echo(socket, &config).await }))
 }
 
-async fn echo(mut socket: WebSocket, config: &Config) {
+async fn echo(mut socket: WsStream, config: &Config) {
     let write_timeout = config.write_timeout;
     while let Some(message) = socket.next().await {
         let reply = match message {
@@ -36,13 +36,9 @@ async fn echo(mut socket: WebSocket, config: &Config) {
             Ok(Message::Binary(b)) => Message::Binary(b),
             // Pings are answered and closes acknowledged by the WebSocket layer; reading on
             // flushes that answer, and the stream then ends.
-            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_)) => continue,
+            Ok(Message::Ping(_) | Message::Pong(_) | Message::Close(_) | Message::Frame(_)) => continue,
             Err(e) => {
-                let too_big = matches!(
-                    e.into_inner().downcast_ref::<tungstenite::Error>(),
-                    Some(tungstenite::Error::Capacity(_))
-                );
-                if too_big {
+                if matches!(e, tungstenite::Error::Capacity(_)) {
                     connection::close_handshake(&mut socket, CloseCode::TooBig, write_timeout).await;
                 }
                 return;

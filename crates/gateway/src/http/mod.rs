@@ -6,6 +6,7 @@
 mod api;
 mod echo;
 mod error;
+mod upgrade;
 mod ws;
 
 pub use error::ApiError;

@@ -2,14 +2,14 @@
 //! then the hand-over to [`crate::connection::run`].
 
 use super::error::ApiError;
+use super::upgrade::Upgrade;
 use crate::auth::AuthError;
 use crate::connection::{self, Session};
 use crate::limits::{LimitError, client_ip};
 use crate::node::Node;
-use axum::extract::ws::WebSocketUpgrade;
-use axum::extract::{ConnectInfo, Query, State};
+use axum::extract::{ConnectInfo, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
+use axum::response::Response;
 use gateway_protocol::ErrorCode;
 use serde::Deserialize;
 use std::net::SocketAddr;
@@ -27,12 +27,12 @@ pub(super) async fn upgrade(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     headers: HeaderMap,
     query: Result<Query<WsQuery>, axum::extract::rejection::QueryRejection>,
-    upgrade: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+    mut request: Request,
 ) -> Result<Response, ApiError> {
     if node.is_draining() {
         return Err(ApiError::new(StatusCode::SERVICE_UNAVAILABLE, ErrorCode::Internal, "node is shutting down"));
     }
-    let upgrade = upgrade.map_err(|e| ApiError::new(e.status(), ErrorCode::BadRequest, e.body_text()))?;
+    let upgrade = Upgrade::check(&mut request)?;
     check_origin(&node, &headers)?;
     let claims = match node.auth() {
         None => None,
@@ -55,24 +55,8 @@ pub(super) async fn upgrade(
         ApiError::new(status, ErrorCode::RateLimited, e.to_string())
     })?;
     let session = Session::new(&node, claims, Some(slot));
-    let config = node.config();
-    let in_flight = node.tracker().token();
-    Ok(configure(upgrade, config)
-        .on_upgrade(move |socket| async move {
-            connection::run(socket, node, session).await;
-            drop(in_flight);
-        })
-        .into_response())
-}
-
-/// Applies the configured buffer and size limits to an upgrade.
-pub(super) fn configure(upgrade: WebSocketUpgrade, config: &crate::config::Config) -> WebSocketUpgrade {
-    upgrade
-        .read_buffer_size(config.read_buffer_size)
-        .write_buffer_size(config.write_buffer_size)
-        .max_write_buffer_size(config.write_buffer_size + 2 * config.max_message_size.max(64 * 1024))
-        .max_message_size(config.max_message_size)
-        .max_frame_size(config.max_message_size)
+    let serving = node.clone();
+    Ok(upgrade.serve(&node, move |socket| connection::run(socket, serving, session)))
 }
 
 fn bearer(headers: &HeaderMap) -> Option<&str> {

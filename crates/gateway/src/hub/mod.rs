@@ -137,12 +137,12 @@ mod tests {
         let slow_switch = slow.switch().clone();
         hub.add(&c, 1, slow);
         hub.add(&c, 2, fast);
-        let frame = Frame::from("x");
+        let frame = Frame::text("x");
         assert_eq!(hub.deliver("a", &frame), 2);
         assert_eq!(hub.deliver("a", &frame), 1);
         assert_eq!(slow_switch.reason(), Some(CloseCode::SlowConsumer));
         let mut batch = std::collections::VecDeque::new();
         fast_rx.drain_into(&mut batch);
-        assert_eq!(batch.iter().map(|f| f.as_str()).collect::<Vec<_>>(), ["x", "x"]);
+        assert_eq!(batch.iter().map(Frame::payload).collect::<Vec<_>>(), [b"x", b"x"]);
     }
 }
