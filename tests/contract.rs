@@ -4,9 +4,11 @@
 
 mod support;
 
+use futures_util::{SinkExt, StreamExt};
 use gateway_client::{Client, ClientError, ErrorCode};
 use serde_json::{Value, json};
 use support::{Backend, Cluster, RawSocket, fresh_channel, within};
+use tokio_tungstenite::tungstenite::Message;
 
 /// Generates one `#[tokio::test]` per backplane for each contract test.
 macro_rules! contract_tests {
@@ -25,6 +27,7 @@ contract_tests!(
     commands_without_id_get_no_reply_but_still_work,
     publisher_receives_its_own_message_and_others_do_too,
     many_messages_arrive_in_publish_order_on_every_subscriber,
+    websocket_pings_get_their_pongs_between_messages,
     channels_are_isolated,
     unsubscribe_stops_delivery_and_repeats_are_ok,
     every_bad_input_gets_its_error_and_the_socket_keeps_serving,
@@ -108,6 +111,40 @@ async fn many_messages_arrive_in_publish_order_on_every_subscriber(backend: Back
             }
         }
     }
+}
+
+/// Pongs (written by the WebSocket layer) and messages (written from shared, pre-encoded bytes)
+/// share one connection: every ping gets its pong, and every message arrives whole and in order.
+async fn websocket_pings_get_their_pongs_between_messages(backend: Backend) {
+    let cluster = Cluster::start(backend, &[]).await;
+    let channel = fresh_channel("pings");
+    let mut raw = RawSocket::connect(&cluster.any_node().ws_url()).await;
+    raw.subscribe(&channel).await;
+    let publisher = cluster.client().await;
+    const ROUNDS: u64 = 20;
+    const PER_ROUND: u64 = 50;
+    for round in 0..ROUNDS {
+        for i in 0..PER_ROUND {
+            let data = serde_json::value::RawValue::from_string((round * PER_ROUND + i).to_string()).expect("raw");
+            publisher.publish_nowait(&channel, &data).await.expect("publish");
+        }
+        raw.inner().send(Message::Ping(round.to_be_bytes().to_vec().into())).await.expect("send a ping");
+    }
+    let (mut next, mut pongs) = (0, Vec::new());
+    while next < ROUNDS * PER_ROUND || pongs.len() < ROUNDS as usize {
+        match within("messages and pongs", raw.inner().next()).await {
+            Some(Ok(Message::Text(text))) => {
+                let frame: Value = serde_json::from_str(&text).expect("a whole JSON frame");
+                assert_eq!((&frame["type"], &frame["data"]), (&json!("message"), &json!(next)), "{frame}");
+                next += 1;
+            }
+            Some(Ok(Message::Pong(payload))) => {
+                pongs.push(u64::from_be_bytes(payload[..].try_into().expect("the ping's 8 bytes")));
+            }
+            other => panic!("expected messages and pongs, got {other:?}"),
+        }
+    }
+    assert_eq!(pongs, (0..ROUNDS).collect::<Vec<_>>());
 }
 
 async fn channels_are_isolated(backend: Backend) {

@@ -80,8 +80,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_READ_BUFFER_SIZE", default_value_t = DEFAULT_READ_BUFFER_SIZE)]
     pub read_buffer_size: usize,
 
-    /// Outgoing bytes buffered per socket before a write is forced; frames are also written at
-    /// every flush.
+    /// Buffer for the control frames a socket writes (pings, pongs, close), in bytes. Messages
+    /// and replies are written from their shared, pre-encoded bytes and do not pass through it.
     #[arg(long, env = "GATEWAY_WRITE_BUFFER_SIZE", default_value_t = DEFAULT_WRITE_BUFFER_SIZE)]
     pub write_buffer_size: usize,
 

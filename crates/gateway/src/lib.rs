@@ -19,10 +19,12 @@
 //! JSON. [`Node::publish`] encodes the outgoing `message` frame once and hands it to the
 //! backplane, without touching the hub. The Redis backplane PUBLISHes it; Redis sends it to every
 //! node subscribed to that channel, the publisher's own node included, so every node sees one
-//! order. Each node's subscriber task passes the bytes as they came to [`hub::Hub::deliver`],
-//! which pushes a refcounted clone into every local subscriber's outbox without waiting (a full
-//! outbox closes that socket as a slow consumer). Each socket's task wakes, writes everything
-//! queued and flushes once. With the in-memory backplane, publish calls `deliver` directly.
+//! order. Each node's subscriber task frames the text once as a WebSocket frame
+//! ([`connection::frame::Frame`]) and passes it to [`hub::Hub::deliver`], which pushes a
+//! refcounted clone into every local subscriber's outbox without waiting (a full outbox closes
+//! that socket as a slow consumer). Each socket's task wakes and writes the queued frames' shared
+//! bytes in one vectored write. With the in-memory backplane, publish frames and calls `deliver`
+//! directly.
 
 pub mod auth;
 pub mod backplane;

@@ -1,8 +1,10 @@
 //! One socket's life, from upgrade to close, in one task.
 //!
 //! A single `select!` loop plays both pumps of the classic design: it reads client frames and
-//! turns them into node calls, and it drains the [`Outbox`] (feed everything queued, flush once;
-//! a busy socket first lets `--write-linger` pass since its last flush, so one write carries more).
+//! turns them into node calls, and it drains the [`Outbox`] (every queued frame, already encoded,
+//! goes straight to the connection in vectored writes; a busy socket first lets `--write-linger`
+//! pass since its last write, so one write carries more). Reading, control frames and the close
+//! handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
@@ -113,6 +115,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         publishes: VecDeque::new(),
         batch: VecDeque::new(),
         written: 0,
+        control_owed: false,
         lingering: false,
         last_flush: None,
     };
@@ -143,6 +146,9 @@ struct Socket {
     batch: VecDeque<Frame>,
     /// Bytes of the batch's first frame already written (a write cut short resumes there).
     written: usize,
+    /// The WebSocket layer may hold a control frame it owes the peer (the pong to a ping, the
+    /// answer to a close): flush it before writing frames of our own.
+    control_owed: bool,
     /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
     lingering: bool,
     /// When the last batch was flushed (drives the write linger).
@@ -263,7 +269,7 @@ impl Socket {
     /// write) ends the write at once; the batch keeps what was not written.
     async fn write_batch(&mut self, abortable: bool) -> Result<(), Exit> {
         let write_timeout = self.node.config().write_timeout;
-        let Self { ws, rx, switch, batch, written, .. } = self;
+        let Self { ws, rx, switch, batch, written, control_owed, .. } = self;
         rx.drain_into(batch);
         let metrics = self.node.metrics();
         let frames = batch.len() as u64;
@@ -271,7 +277,10 @@ impl Socket {
             timeout(write_timeout, async {
                 // What the WebSocket layer holds (a pong it owes) goes out first, whole, so that
                 // the frames below start on a frame boundary.
-                ws.flush().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+                if *control_owed {
+                    ws.flush().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
+                    *control_owed = false;
+                }
                 write_frames(ws.get_mut(), batch, written, usize::MAX).await.map_err(|e| e.kind())
             })
             .await
@@ -332,11 +341,19 @@ impl Socket {
                 self.reply_error(None, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames");
                 None
             }
-            // Pings are answered by the WebSocket layer; any frame counts as a sign of life.
-            Message::Ping(_) | Message::Pong(_) => None,
+            // Pings are answered by the WebSocket layer (its pong may wait in its buffer); any
+            // frame counts as a sign of life.
+            Message::Ping(_) => {
+                self.control_owed = true;
+                None
+            }
+            Message::Pong(_) | Message::Frame(_) => None,
             // The WebSocket layer answers the close; reading on lets it flush that answer, and
-            // the stream then ends. (Raw frames are never read.)
-            Message::Close(_) | Message::Frame(_) => None,
+            // the stream then ends.
+            Message::Close(_) => {
+                self.control_owed = true;
+                None
+            }
         }
     }
 
