@@ -167,9 +167,9 @@ scenario_args() {
     max-rate)
       KIND=max-rate
       if [ "$QUICK" = 1 ]; then
-        ARGS=(--subscribers 1000 --publishers 2 --payload 100 --low 100 --high 4000 --resolution 400 --probe-duration 2 --cooldown 1 --p99-bound-ms 100)
+        ARGS=(--subscribers 1000 --publishers 2 --payload 100 --low 100 --high 10000 --resolution 400 --probe-duration 2 --cooldown 1 --p99-bound-ms 100)
       else
-        ARGS=(--subscribers 1000 --publishers 2 --payload 100 --low 100 --high 4000 --resolution 25 --probe-duration 5 --cooldown 2 --p99-bound-ms 100)
+        ARGS=(--subscribers 1000 --publishers 2 --payload 100 --low 100 --high 10000 --resolution 50 --probe-duration 5 --cooldown 2 --p99-bound-ms 100)
       fi
       ;;
     *) log "unknown scenario $1"; return 1 ;;

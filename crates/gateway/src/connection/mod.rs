@@ -455,7 +455,7 @@ impl Socket {
         let Exit::Close(code) = exit else { return };
         let write_timeout = self.node.config().write_timeout;
         if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) {
-            if self.write_batch(false).await.is_err() {
+            if (!self.rx.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
                 return;
             }
         } else if self.written > 0 {
