@@ -7,8 +7,13 @@ use futures_util::StreamExt;
 use gateway_client::ClientConfig;
 use serde_json::json;
 use serde_json::value::RawValue;
+use std::io::Cursor;
 use std::time::Duration;
 use support::{Backend, Cluster, Gateway, RawSocket, fresh_channel, within};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::{Control, Data, OpCode};
 
 #[tokio::test]
 async fn a_client_that_stops_reading_is_closed_as_slow_consumer_and_memory_stays_bounded() {
@@ -134,5 +139,96 @@ async fn thousands_of_connect_subscribe_disconnect_cycles_leave_nothing_behind()
             }
         }
         let _ = ClientConfig::default();
+    }
+}
+
+/// Reads from `stream` into `wire` until `done(wire)`.
+async fn read_until(stream: &mut TcpStream, wire: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    while !done(wire) {
+        let n = stream.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the server closed early");
+        wire.extend_from_slice(&chunk[..n]);
+    }
+}
+
+/// A client frame (final, masked with a zero key: the payload is sent as is).
+fn client_frame(opcode: u8, payload: &[u8]) -> Vec<u8> {
+    assert!(payload.len() < 126, "short frames only");
+    let mut frame = vec![0x80 | opcode, 0x80 | payload.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(payload);
+    frame
+}
+
+/// The opcodes of the complete server frames at the start of `wire`.
+fn server_opcodes(wire: &[u8]) -> Vec<OpCode> {
+    let mut cursor = Cursor::new(wire);
+    let mut opcodes = Vec::new();
+    while let Ok(Some((header, length))) = FrameHeader::parse(&mut cursor) {
+        let end = cursor.position() + length;
+        if end > wire.len() as u64 {
+            break;
+        }
+        opcodes.push(header.opcode);
+        cursor.set_position(end);
+    }
+    opcodes
+}
+
+/// A client that closes while messages stream to it gets the close answered, and no message
+/// after that answer (RFC 6455 5.5.1), even though more were queued for it.
+#[tokio::test]
+async fn a_client_close_is_answered_and_no_message_follows_the_answer() {
+    let node = Gateway::start(
+        "peer-close",
+        &["--write-linger", "0ms", "--queue-size", "100000", "--publish-rate", "1000000", "--publish-burst", "1000000"],
+    );
+    node.wait_readyz(200).await;
+    let publisher = node.client().await;
+    let data = RawValue::from_string(format!("\"{}\"", "x".repeat(40))).expect("raw");
+    for round in 0..20 {
+        let channel = fresh_channel("peer-close");
+        let mut stream = TcpStream::connect(node.addr()).await.expect("connect");
+        let request = format!(
+            "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+             Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+            node.addr()
+        );
+        stream.write_all(request.as_bytes()).await.expect("upgrade request");
+        let mut wire = Vec::new();
+        within("the upgrade", read_until(&mut stream, &mut wire, &|w| w.windows(4).any(|x| x == b"\r\n\r\n"))).await;
+        let head_end = wire.windows(4).position(|x| x == b"\r\n\r\n").expect("head") + 4;
+        wire.drain(..head_end);
+        let subscribe = json!({"type": "subscribe", "channel": channel, "id": 1}).to_string();
+        stream.write_all(&client_frame(0x1, subscribe.as_bytes())).await.expect("subscribe");
+        within("the subscribe ok", read_until(&mut stream, &mut wire, &|w| !server_opcodes(w).is_empty())).await;
+
+        let flood = {
+            let (publisher, channel, data) = (publisher.clone(), channel.clone(), data.clone());
+            tokio::spawn(async move {
+                for _ in 0..5_000 {
+                    publisher.publish_nowait(&channel, &data).await.expect("publish");
+                }
+            })
+        };
+        within("messages", read_until(&mut stream, &mut wire, &|w| server_opcodes(w).len() > 200)).await;
+        stream.write_all(&client_frame(0x8, &1000u16.to_be_bytes())).await.expect("send a close");
+        let mut chunk = vec![0u8; 64 * 1024];
+        within("the server to end the connection", async {
+            while let Ok(n) = stream.read(&mut chunk).await {
+                if n == 0 {
+                    break;
+                }
+                wire.extend_from_slice(&chunk[..n]);
+            }
+        })
+        .await;
+        within("the publisher", flood).await.expect("publisher task");
+
+        let opcodes = server_opcodes(&wire);
+        let close = opcodes.iter().position(|o| *o == OpCode::Control(Control::Close));
+        let close = close.unwrap_or_else(|| panic!("round {round}: the close was not answered"));
+        let after = opcodes[close + 1..].iter().filter(|o| **o == OpCode::Data(Data::Text)).count();
+        assert_eq!(after, 0, "round {round}: {after} messages after the close answer");
     }
 }

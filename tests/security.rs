@@ -881,3 +881,15 @@ async fn client_with_token(node: &Gateway, token: &str) -> Client {
         .await
         .expect("client connects")
 }
+
+#[tokio::test]
+async fn a_request_that_is_not_a_websocket_upgrade_gets_400_with_the_reason() {
+    let node = Gateway::start("not-upgrade", &[]);
+    node.wait_readyz(200).await;
+    let plain = node.http("GET", "/ws", &[], "").await;
+    assert_refused(&plain, 400, "bad_request");
+    assert!(plain.json()["message"].as_str().is_some_and(|m| m.contains("Connection: upgrade")), "{plain:?}");
+    // The node serves a real client meanwhile.
+    let mut raw = RawSocket::connect(&node.ws_url()).await;
+    assert_serving(&mut raw, 1).await;
+}

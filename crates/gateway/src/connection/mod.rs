@@ -95,6 +95,9 @@ enum Exit {
     Close(CloseCode),
     /// The peer is gone or the stream failed: nothing more to write.
     Gone(&'static str),
+    /// The peer sent a close frame: the WebSocket layer has queued its answer, which is flushed,
+    /// and nothing may follow it (RFC 6455 §5.5.1), so what is still queued is dropped.
+    PeerClosed,
 }
 
 /// Runs one upgraded socket until it closes. Never panics on client input.
@@ -123,6 +126,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
     let label = match &exit {
         Exit::Close(code) => code.label(),
         Exit::Gone(why) => why,
+        Exit::PeerClosed => "client_closed",
     };
     socket.node.metrics().disconnects.with_label_values(&[label]).inc();
     tracing::debug!(conn, reason = label, "socket closing");
@@ -146,8 +150,8 @@ struct Socket {
     batch: VecDeque<Frame>,
     /// Bytes of the batch's first frame already written (a write cut short resumes there).
     written: usize,
-    /// The WebSocket layer may hold a control frame it owes the peer (the pong to a ping, the
-    /// answer to a close): flush it before writing frames of our own.
+    /// The WebSocket layer may hold a control frame it owes the peer (the pong to a ping): flush
+    /// it before writing frames of our own.
     control_owed: bool,
     /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
     lingering: bool,
@@ -348,12 +352,8 @@ impl Socket {
                 None
             }
             Message::Pong(_) | Message::Frame(_) => None,
-            // The WebSocket layer answers the close; reading on lets it flush that answer, and
-            // the stream then ends.
-            Message::Close(_) => {
-                self.control_owed = true;
-                None
-            }
+            // The WebSocket layer has queued its answer; no frame of ours may follow it.
+            Message::Close(_) => Some(Exit::PeerClosed),
         }
     }
 
@@ -452,8 +452,15 @@ impl Socket {
         // handshake (the hub entry is covered by the registration, which already lists it).
         self.pending = None;
         self.registration.leave();
-        let Exit::Close(code) = exit else { return };
         let write_timeout = self.node.config().write_timeout;
+        let code = match exit {
+            Exit::Close(code) => code,
+            Exit::Gone(_) => return,
+            Exit::PeerClosed => {
+                let _ = timeout(write_timeout, self.ws.flush()).await;
+                return;
+            }
+        };
         if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) {
             if (!self.rx.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
                 return;
