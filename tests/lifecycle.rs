@@ -1,5 +1,5 @@
-//! One socket's life and the node's: slow consumers, heartbeats, graceful shutdown, and churn
-//! that must leave nothing behind.
+//! One socket's life and the node's: slow consumers, heartbeats, a client's close, graceful shutdown,
+//! and churn that must leave nothing behind.
 
 mod support;
 
