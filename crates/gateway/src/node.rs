@@ -133,11 +133,6 @@ impl Node {
         &self.config
     }
 
-    /// The configuration, shared.
-    pub fn config_arc(&self) -> Arc<Config> {
-        self.config.clone()
-    }
-
     /// This node's id.
     pub fn node_id(&self) -> &str {
         &self.node_id

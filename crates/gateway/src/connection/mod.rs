@@ -178,10 +178,7 @@ impl Socket {
                 biased;
                 reason = switch.closed() => return Exit::Close(reason),
                 () = self.rx.ready(), if !self.lingering => {
-                    if let Some(flush_at) = self.linger_until() {
-                        self.lingering = true;
-                        linger_over.as_mut().reset(flush_at);
-                    } else if let Err(exit) = Box::pin(self.write_batch(true)).await {
+                    if !self.start_linger(linger_over.as_mut()) && let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
                     }
                 }
@@ -198,10 +195,7 @@ impl Socket {
                     if let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
                     }
-                    if let Some(flush_at) = self.linger_until() {
-                        self.lingering = true;
-                        linger_over.as_mut().reset(flush_at);
-                    }
+                    self.start_linger(linger_over.as_mut());
                 }
                 done = poll_pending(&mut self.pending) => {
                     self.pending = None;
@@ -266,6 +260,15 @@ impl Socket {
     fn linger_until(&self) -> Option<Instant> {
         let flush_at = self.last_flush? + self.node.config().write_linger;
         (Instant::now() < flush_at && !self.rx.is_half_full()).then_some(flush_at)
+    }
+
+    /// Starts lingering (sets `timer` to the linger's end) if the socket should; returns
+    /// whether it does.
+    fn start_linger(&mut self, timer: Pin<&mut Sleep>) -> bool {
+        let Some(flush_at) = self.linger_until() else { return false };
+        self.lingering = true;
+        timer.reset(flush_at);
+        true
     }
 
     /// Writes everything queued, in as few vectored writes as the batch allows. With

@@ -24,8 +24,8 @@ use tungstenite::Message;
 
 pub(super) async fn upgrade(State(node): State<Arc<Node>>, mut request: Request) -> Result<Response, ApiError> {
     let upgrade = Upgrade::check(&mut request)?;
-    let config = node.config_arc();
-    Ok(upgrade.serve(&node, move |socket| async move { echo(socket, &config).await }))
+    let serving = node.clone();
+    Ok(upgrade.serve(&node, move |socket| async move { echo(socket, serving.config()).await }))
 }
 
 async fn echo(mut socket: WsStream, config: &Config) {
