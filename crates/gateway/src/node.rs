@@ -6,9 +6,10 @@ use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, BackplaneError, PublishAck};
 use crate::config::Config;
-use crate::connection::outbox::{ConnId, Outbox};
+use crate::connection::outbox::{CloseSwitch, ConnId};
 use crate::connection::roster::Roster;
 use crate::hub::Hub;
+use crate::hub::feed::Reader;
 use crate::limits::ConnectionLimits;
 use crate::metrics::Metrics;
 use gateway_protocol::{ChannelName, ErrorCode, encode_message};
@@ -87,7 +88,7 @@ impl Node {
         config.validate()?;
         let node_id = config.node_id();
         let metrics = Metrics::new(&node_id);
-        let hub = Arc::new(Hub::new(metrics.clone()));
+        let hub = Arc::new(Hub::new(metrics.clone(), config.queue_size));
         let tracker = TaskTracker::new();
         let backplane: Arc<dyn Backplane> = match &config.redis_url {
             None => {
@@ -198,20 +199,26 @@ impl Node {
         &self.stripes[self.hub.stripe(channel.as_str()) % self.stripes.len()]
     }
 
-    /// Subscribes socket `conn` to `channel`; returns once the subscription is live cluster-wide.
-    /// On failure the hub is left as it was.
-    pub async fn subscribe(&self, conn: ConnId, outbox: Outbox, channel: &ChannelName) -> Result<(), CommandError> {
+    /// Subscribes socket `conn` (controlled by `switch`) to `channel`; returns, once the
+    /// subscription is live cluster-wide, the socket's reader of the channel, which holds every
+    /// message delivered on this node since the socket joined the hub. On failure the hub is
+    /// left as it was.
+    pub async fn subscribe(
+        &self,
+        conn: ConnId,
+        switch: Arc<CloseSwitch>,
+        channel: &ChannelName,
+    ) -> Result<Reader, CommandError> {
         if !self.backplane.is_up() {
             return Err(BackplaneError::Unavailable("backplane is not connected".into()).into());
         }
         let _serialised = self.stripe(channel).lock().await;
-        if self.hub.add(channel, conn, outbox)
-            && let Err(e) = self.backplane.subscribe(channel).await
-        {
+        let (reader, first) = self.hub.add(channel, conn, switch);
+        if first && let Err(e) = self.backplane.subscribe(channel).await {
             self.hub.remove(channel.as_str(), conn);
             return Err(e.into());
         }
-        Ok(())
+        Ok(reader)
     }
 
     /// Unsubscribes socket `conn` from `channel`, and the node from the backplane channel when

@@ -23,6 +23,7 @@ pub use session::Session;
 /// An upgraded WebSocket connection, as a socket's task owns it.
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
+use crate::hub::feed::Reader;
 use crate::node::{CommandError, Node, Published, Source};
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
@@ -35,6 +36,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, Sleep, sleep, timeout};
@@ -83,7 +85,7 @@ impl Drop for Registration {
 
 /// What a pending backplane command resolved to.
 enum Completion {
-    Subscribed(Option<FrameId>, ChannelName, Result<(), CommandError>),
+    Subscribed(Option<FrameId>, ChannelName, Result<Reader, CommandError>),
     Unsubscribed(Option<FrameId>),
 }
 
@@ -115,9 +117,10 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         registration,
         session,
         pending: None,
+        readers: Vec::new(),
         publishes: VecDeque::new(),
         batch: VecDeque::new(),
-        written: 0,
+        cut: Cut::default(),
         control_owed: false,
         lingering: false,
         last_flush: None,
@@ -144,12 +147,14 @@ struct Socket {
     registration: Registration,
     session: Session,
     pending: Option<Pending>,
+    /// The socket's position in each channel it subscribes to (see [`crate::hub::feed`]).
+    readers: Vec<(ChannelName, Reader)>,
     /// Publishes sent to the backplane and not yet answered, oldest first.
     publishes: VecDeque<(Option<FrameId>, Published)>,
-    /// Frames taken from the queue and being written.
+    /// Replies taken from the queue and being written.
     batch: VecDeque<Frame>,
-    /// Bytes of the batch's first frame already written (a write cut short resumes there).
-    written: usize,
+    /// Where a write cut short stopped (it resumes there).
+    cut: Cut,
     /// The WebSocket layer may hold a control frame it owes the peer (the pong to a ping): flush
     /// it before writing frames of our own.
     control_owed: bool,
@@ -177,7 +182,7 @@ impl Socket {
             tokio::select! {
                 biased;
                 reason = switch.closed() => return Exit::Close(reason),
-                () = self.rx.ready(), if !self.lingering => {
+                () = ready(&self.rx, &self.readers), if !self.lingering => {
                     if !self.start_linger(linger_over.as_mut()) && let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
                     }
@@ -189,7 +194,7 @@ impl Socket {
                     if self.lingering =>
                 {
                     self.lingering = false;
-                    if self.rx.is_empty() {
+                    if !has_unread(&self.rx, &self.readers) {
                         continue;
                     }
                     if let Err(exit) = Box::pin(self.write_batch(true)).await {
@@ -276,10 +281,15 @@ impl Socket {
     /// write) ends the write at once; the batch keeps what was not written.
     async fn write_batch(&mut self, abortable: bool) -> Result<(), Exit> {
         let write_timeout = self.node.config().write_timeout;
-        let Self { ws, rx, switch, batch, written, control_owed, .. } = self;
+        let Self { ws, rx, readers, switch, batch, cut, control_owed, .. } = self;
+        // Replies first, then each channel's messages: a subscribe's `ok` goes out before the
+        // channel's first message.
         rx.drain_into(batch);
+        let mut frames = batch.len() as u64;
+        for (_, reader) in readers.iter_mut() {
+            frames += reader.mark() as u64;
+        }
         let metrics = self.node.metrics();
-        let frames = batch.len() as u64;
         let write = async {
             timeout(write_timeout, async {
                 // What the WebSocket layer holds (a pong it owes) goes out first, whole, so that
@@ -288,7 +298,7 @@ impl Socket {
                     ws.flush().await.map_err(|_| io::ErrorKind::BrokenPipe)?;
                     *control_owed = false;
                 }
-                write_frames(ws.get_mut(), batch, written, usize::MAX).await.map_err(|e| e.kind())
+                write_frames(ws.get_mut(), batch, readers, cut, usize::MAX).await.map_err(|e| e.kind())
             })
             .await
         };
@@ -380,6 +390,7 @@ impl Socket {
                     self.reply_ok(id.as_ref());
                     return None;
                 }
+                self.readers.retain(|(subscribed, _)| *subscribed != channel);
                 let node = self.node.clone();
                 let conn = self.registration.conn;
                 self.pending = Some(Box::pin(async move {
@@ -428,16 +439,19 @@ impl Socket {
         // Recorded before the await, so that a socket dropped mid-subscribe still leaves the hub.
         self.registration.channels.insert(channel.clone());
         let node = self.node.clone();
-        let (conn, outbox) = (self.registration.conn, self.outbox.clone());
+        let (conn, switch) = (self.registration.conn, self.switch.clone());
         self.pending = Some(Box::pin(async move {
-            let result = node.subscribe(conn, outbox, &channel).await;
+            let result = node.subscribe(conn, switch, &channel).await;
             Completion::Subscribed(id, channel, result)
         }));
     }
 
     fn complete(&mut self, done: Completion) {
         match done {
-            Completion::Subscribed(id, _, Ok(())) => self.reply_ok(id.as_ref()),
+            Completion::Subscribed(id, channel, Ok(reader)) => {
+                self.readers.push((channel, reader));
+                self.reply_ok(id.as_ref());
+            }
             Completion::Unsubscribed(id) => self.reply_ok(id.as_ref()),
             Completion::Subscribed(id, channel, Err(e)) => {
                 self.registration.channels.remove(&channel);
@@ -465,51 +479,108 @@ impl Socket {
             }
         };
         if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) {
-            if (!self.rx.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
+            if (has_unread(&self.rx, &self.readers) || !self.batch.is_empty()) && self.write_batch(false).await.is_err()
+            {
                 return;
             }
-        } else if self.written > 0 {
+        } else if self.cut.written > 0 {
             // A frame cut mid-way must be finished before the close frame can follow it.
-            let (io, batch) = (self.ws.get_mut(), &mut self.batch);
-            if !matches!(timeout(write_timeout, write_frames(io, batch, &mut self.written, 1)).await, Ok(Ok(()))) {
+            let (io, batch, readers) = (self.ws.get_mut(), &mut self.batch, &mut self.readers);
+            if !matches!(timeout(write_timeout, write_frames(io, batch, readers, &mut self.cut, 1)).await, Ok(Ok(()))) {
                 return;
             }
         }
+        // Nothing more is read from the channels: let their messages go during the handshake.
+        self.readers.clear();
         close_handshake(&mut self.ws, code, write_timeout).await;
     }
 }
 
-/// Writes up to `limit` frames of `batch` to `io` in vectored writes, taking each frame off the
-/// batch once it is fully written; `written` is how much of the first frame is already out, and
-/// is kept up to date, so a write that is cut short (cancelled, timed out) can be resumed.
+/// Where a write that was cut short (cancelled, timed out) stopped.
+#[derive(Debug, Default)]
+struct Cut {
+    /// Bytes of the first unwritten frame already out.
+    written: usize,
+    /// Whose frame that is: a channel's (the index of its reader), or else the first reply.
+    reader: Option<usize>,
+}
+
+/// Writes up to `limit` frames to `io` in vectored writes: the replies in `batch`, then the
+/// marked messages of each reader, each taken off (or passed) once it is fully written. `cut`
+/// says how much of the first frame is already out and is kept up to date, so a write that is
+/// cut short can be resumed.
 async fn write_frames(
     io: &mut (impl AsyncWrite + Unpin),
     batch: &mut VecDeque<Frame>,
-    written: &mut usize,
+    readers: &mut [(ChannelName, Reader)],
+    cut: &mut Cut,
     mut limit: usize,
 ) -> io::Result<()> {
-    while limit > 0 && !batch.is_empty() {
-        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
-        let count = batch.len().min(MAX_SLICES).min(limit);
-        for (slot, frame) in slices.iter_mut().zip(batch.iter()) {
-            *slot = IoSlice::new(frame.wire());
+    // A channel's frame cut mid-way is finished first, alone: replies queued since then would
+    // otherwise come before it. (A cut write ends the socket, so its readers are as they were.)
+    if let Some(reader) = cut.reader.and_then(|i| readers.get_mut(i)).map(|(_, reader)| reader) {
+        while let Some(frame) = reader.marked().next() {
+            let n = io.write(&frame.wire()[cut.written..]).await?;
+            if n == 0 {
+                return Err(io::ErrorKind::WriteZero.into());
+            }
+            cut.written += n;
+            if cut.written == frame.wire().len() {
+                reader.advance(1);
+                limit = limit.saturating_sub(1);
+                break;
+            }
         }
-        slices[0] = IoSlice::new(&batch[0].wire()[*written..]);
+        *cut = Cut::default();
+    }
+    while limit > 0 {
+        let mut slices = [IoSlice::new(&[]); MAX_SLICES];
+        let mut frames = batch.iter().chain(readers.iter().flat_map(|(_, reader)| reader.marked())).take(limit);
+        let Some(first) = frames.next() else { break };
+        slices[0] = IoSlice::new(&first.wire()[cut.written..]);
+        let mut count = 1;
+        for (slot, frame) in slices[1..].iter_mut().zip(frames) {
+            *slot = IoSlice::new(frame.wire());
+            count += 1;
+        }
         let mut n = io.write_vectored(&slices[..count]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let Some(front) = batch.front() else { break };
-            let left = front.wire().len() - *written;
+        while n > 0
+            && let Some(front) = batch.front()
+        {
+            let left = front.wire().len() - cut.written;
             if n < left {
-                *written += n;
+                cut.written += n;
+                n = 0;
                 break;
             }
             n -= left;
-            *written = 0;
+            cut.written = 0;
             batch.pop_front();
             limit -= 1;
+        }
+        for (index, (_, reader)) in readers.iter_mut().enumerate() {
+            if n == 0 {
+                break;
+            }
+            let mut whole = 0;
+            for frame in reader.marked() {
+                let left = frame.wire().len() - cut.written;
+                if n < left {
+                    cut.written += n;
+                    cut.reader = Some(index);
+                    n = 0;
+                    break;
+                }
+                n -= left;
+                cut.written = 0;
+                cut.reader = None;
+                whole += 1;
+            }
+            reader.advance(whole);
+            limit -= whole;
         }
     }
     Ok(())
@@ -524,6 +595,26 @@ pub(crate) async fn close_handshake(ws: &mut WsStream, code: CloseCode, write_ti
     }
     let _ =
         timeout(write_timeout.min(Duration::from_secs(5)), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+/// Resolves once a reply is queued or a channel has a message for the socket, without taking
+/// anything (cancel-safe). Until then, a reply or a message wakes the socket's task.
+async fn ready(rx: &Inbox, readers: &[(ChannelName, Reader)]) {
+    std::future::poll_fn(|cx: &mut Context<'_>| {
+        if rx.poll_ready(cx).is_ready() {
+            return Poll::Ready(());
+        }
+        for (_, reader) in readers {
+            reader.wait();
+        }
+        if readers.iter().any(|(_, reader)| reader.has_unread()) { Poll::Ready(()) } else { Poll::Pending }
+    })
+    .await;
+}
+
+/// Whether a reply or a channel's message waits to be written.
+fn has_unread(rx: &Inbox, readers: &[(ChannelName, Reader)]) -> bool {
+    !rx.is_empty() || readers.iter().any(|(_, reader)| reader.has_unread())
 }
 
 /// Resolves with the oldest publish's outcome (answers go out in the order commands came in).
@@ -559,5 +650,85 @@ fn read_error(error: tungstenite::Error) -> Exit {
         tungstenite::Error::Capacity(_) => Exit::Close(CloseCode::TooBig),
         tungstenite::Error::Protocol(_) => Exit::Gone("protocol_error"),
         _ => Exit::Gone("read_error"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::feed::Feed;
+    use futures_util::FutureExt;
+    use std::task::{Context, Poll};
+
+    /// A connection that takes at most `per_write` bytes per write, and only `budget` bytes in
+    /// all before it stalls (pending, like a peer that stopped reading).
+    struct Throttled {
+        wire: Vec<u8>,
+        per_write: usize,
+        budget: usize,
+    }
+
+    impl AsyncWrite for Throttled {
+        fn poll_write(mut self: Pin<&mut Self>, _: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+            let n = buf.len().min(self.per_write).min(self.budget);
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.budget -= n;
+            self.wire.extend_from_slice(&buf[..n]);
+            Poll::Ready(Ok(n))
+        }
+
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// The texts of the complete frames on `wire`, in order; panics on a torn frame.
+    fn texts(mut wire: &[u8]) -> Vec<String> {
+        let mut texts = Vec::new();
+        while !wire.is_empty() {
+            let mut cursor = std::io::Cursor::new(wire);
+            let (_, length) = tungstenite::protocol::frame::FrameHeader::parse(&mut cursor)
+                .ok()
+                .flatten()
+                .expect("a whole frame header");
+            let start = cursor.position() as usize;
+            let end = start + length as usize;
+            texts.push(String::from_utf8(wire[start..end].to_vec()).expect("text"));
+            wire = &wire[end..];
+        }
+        texts
+    }
+
+    #[test]
+    fn a_write_cut_inside_a_channels_frame_finishes_that_frame_before_anything_queued_since() {
+        let feed = Arc::new(Feed::new());
+        let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
+        for n in 0..3 {
+            feed.append(&Frame::text(&format!("message {n}")));
+        }
+        let mut batch = VecDeque::from([Frame::text("reply 0")]);
+        readers[0].1.mark();
+        let mut cut = Cut::default();
+        // The peer stalls 9 bytes into the third message; the write is then abandoned.
+        let mut io = Throttled { wire: Vec::new(), per_write: 7, budget: 9 + 11 + 20 };
+        assert!(write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never().is_none());
+        assert_eq!((cut.reader, cut.written), (Some(0), 9));
+
+        // Meanwhile a reply is queued and another message arrives.
+        batch.push_back(Frame::text("reply 1"));
+        feed.append(&Frame::text("message 3"));
+        readers[0].1.mark();
+        io.budget = usize::MAX;
+        let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never();
+        assert!(matches!(wrote, Some(Ok(()))));
+        assert_eq!(texts(&io.wire), ["reply 0", "message 0", "message 1", "message 2", "reply 1", "message 3"]);
+        assert!(!readers[0].1.has_unread() && batch.is_empty());
+        assert_eq!((cut.reader, cut.written), (None, 0));
     }
 }

@@ -52,13 +52,27 @@ const CLOSE_REASONS: [CloseCode; 8] = [
 ];
 
 impl CloseSwitch {
-    /// Asks the socket to close with `reason`; the first reason given wins.
-    pub fn close(&self, reason: CloseCode) {
+    /// Asks the socket to close with `reason`; the first reason given wins. Returns whether
+    /// this call was the first.
+    pub fn close(&self, reason: CloseCode) -> bool {
         let index = CLOSE_REASONS.iter().position(|r| *r == reason).unwrap_or(7) as u8 + 1;
-        if self.reason.compare_exchange(NO_REASON, index, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+        let first = self.reason.compare_exchange(NO_REASON, index, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if first {
             // The socket's task: its loop, or a write of its that the peer stalls.
             self.task.wake();
         }
+        first
+    }
+
+    /// Wakes the socket's task: a channel it reads has a message for it.
+    pub fn wake_task(&self) {
+        self.task.wake();
+    }
+
+    /// Asks a lingering socket to write now: it is falling behind on a channel.
+    pub fn urge(&self) {
+        self.urge.store(true, Ordering::Release);
+        self.task.wake();
     }
 
     /// The reason given to [`CloseSwitch::close`], if any.
@@ -138,20 +152,23 @@ impl Drop for Inbox {
 }
 
 impl Inbox {
+    /// Ready once at least one frame is queued, without taking it; until then a push wakes
+    /// the task of `cx`.
+    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
+        let mut state = self.queue.state.lock();
+        if state.frames.is_empty() {
+            // Registered under the lock: a push after it sees the new waker.
+            self.switch.task.register(cx.waker());
+            state.waiting = true;
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    }
+
     /// Resolves once at least one frame is queued, without taking it (cancel-safe).
     pub async fn ready(&self) {
-        std::future::poll_fn(|cx| {
-            let mut state = self.queue.state.lock();
-            if state.frames.is_empty() {
-                // Registered under the lock: a push after it sees the new waker.
-                self.switch.task.register(cx.waker());
-                state.waiting = true;
-                Poll::Pending
-            } else {
-                Poll::Ready(())
-            }
-        })
-        .await;
+        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
     /// Moves every queued frame to the back of `batch`, freeing their room in the queue.

@@ -1,0 +1,340 @@
+//! One channel's messages on this node, appended once and read by every local subscriber.
+//!
+//! A [`Feed`] is a chain of chunks of frame slots. Delivering a message fills the next slot: it
+//! touches nothing per subscriber, except the subscribers that wait for a message at that
+//! moment (a busy socket lingers instead, and reads what arrived when its linger is over). Each
+//! subscriber reads the chain from its own position through a [`Reader`], which holds the chunk
+//! it is in: a chunk lives while a reader (or the feed's tail) still needs it, and goes with
+//! the last of them. Slots are filled in order by one appender at a time and never change, so
+//! readers take no lock.
+//!
+//! How far behind each reader is stays visible to the hub through [`Subscriber::behind`], which
+//! is how a subscriber that cannot keep up is found and closed (see `Hub::deliver`).
+
+use crate::connection::outbox::{CloseSwitch, Frame};
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+/// Slots in a feed's first chunk; each next chunk has twice as many, up to [`MAX_CHUNK_SLOTS`].
+/// A quiet channel costs one small chunk.
+const FIRST_CHUNK_SLOTS: usize = 4;
+/// Slots in the largest chunk.
+const MAX_CHUNK_SLOTS: usize = 32;
+/// A chunk takes no more frames once it holds this many bytes, so that a quiet channel keeps
+/// at most this much of its recent messages (plus one message) alive.
+const MAX_CHUNK_BYTES: usize = 16 * 1024;
+
+/// A run of consecutive messages of one feed.
+#[derive(Debug)]
+struct Chunk {
+    /// Sequence number of the first slot.
+    start: u64,
+    slots: Box<[OnceLock<Frame>]>,
+    /// Set when the chunk takes no more frames: how many slots it filled, and the next chunk.
+    next: OnceLock<(usize, Arc<Chunk>)>,
+}
+
+impl Chunk {
+    fn new(start: u64, slots: usize) -> Arc<Self> {
+        Arc::new(Self { start, slots: (0..slots).map(|_| OnceLock::new()).collect(), next: OnceLock::new() })
+    }
+}
+
+/// The appending end of a feed.
+#[derive(Debug)]
+struct Tail {
+    chunk: Arc<Chunk>,
+    /// Sequence number the next message gets.
+    next_seq: u64,
+    /// Bytes in the tail chunk's frames.
+    bytes: usize,
+}
+
+/// One subscriber of a feed, as shared by the hub (to wake it, see how far behind it is and
+/// close it) and its socket (which advances it).
+#[derive(Debug)]
+pub struct Subscriber {
+    switch: Arc<CloseSwitch>,
+    /// Sequence number of the first message this subscriber has not taken yet.
+    taken: AtomicU64,
+    /// It is in its feed's list of waiters (guarded by that list's lock).
+    waiting: AtomicBool,
+}
+
+impl Subscriber {
+    /// The socket's close switch.
+    pub fn switch(&self) -> &Arc<CloseSwitch> {
+        &self.switch
+    }
+
+    /// Messages appended to `feed` that this subscriber has not taken yet.
+    pub fn behind(&self, feed: &Feed) -> u64 {
+        feed.appended().saturating_sub(self.taken.load(Ordering::Acquire))
+    }
+}
+
+/// One channel's message chain on this node.
+#[derive(Debug)]
+pub struct Feed {
+    tail: Mutex<Tail>,
+    /// Mirrors `tail.next_seq` for lock-free reads.
+    appended: AtomicU64,
+    /// Subscribers waiting for the next message: woken, and forgotten, by the next append.
+    waiters: Mutex<Vec<Arc<Subscriber>>>,
+}
+
+impl Default for Feed {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Feed {
+    /// An empty feed.
+    pub fn new() -> Self {
+        Self {
+            tail: Mutex::new(Tail { chunk: Chunk::new(0, FIRST_CHUNK_SLOTS), next_seq: 0, bytes: 0 }),
+            appended: AtomicU64::new(0),
+            waiters: Mutex::new(Vec::new()),
+        }
+    }
+
+    /// How many messages were appended so far (the next one's sequence number).
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Ordering::Acquire)
+    }
+
+    /// A reader positioned after every message appended so far, for the socket behind `switch`.
+    pub fn reader(self: &Arc<Self>, switch: Arc<CloseSwitch>) -> Reader {
+        let tail = self.tail.lock();
+        let subscriber =
+            Arc::new(Subscriber { switch, taken: AtomicU64::new(tail.next_seq), waiting: AtomicBool::new(false) });
+        Reader { feed: self.clone(), chunk: tail.chunk.clone(), next: tail.next_seq, end: tail.next_seq, subscriber }
+    }
+
+    /// Appends `frame` and wakes the subscribers waiting for it; returns its sequence number.
+    /// Appends to one feed must come one at a time in the channel's order (the hub's callers
+    /// serialise them per channel); the lock only keeps a mistake from corrupting the chain.
+    pub fn append(&self, frame: &Frame) -> u64 {
+        let seq = {
+            let mut tail = self.tail.lock();
+            let used = usize::try_from(tail.next_seq - tail.chunk.start).unwrap_or(usize::MAX);
+            let size = frame.wire().len();
+            if used == tail.chunk.slots.len() || (used > 0 && tail.bytes + size > MAX_CHUNK_BYTES) {
+                let slots = (tail.chunk.slots.len() * 2).min(MAX_CHUNK_SLOTS);
+                let next = Chunk::new(tail.next_seq, slots);
+                // Only this appender sets `next`, once per chunk.
+                let _ = tail.chunk.next.set((used, next.clone()));
+                tail.chunk = next;
+                tail.bytes = 0;
+            }
+            let seq = tail.next_seq;
+            let index = usize::try_from(seq - tail.chunk.start).unwrap_or(usize::MAX);
+            // The slot is empty: each sequence number is appended once.
+            let _ = tail.chunk.slots[index].set(frame.clone());
+            tail.next_seq += 1;
+            tail.bytes += size;
+            self.appended.store(tail.next_seq, Ordering::Release);
+            seq
+        };
+        let waiters = {
+            let mut waiters = self.waiters.lock();
+            if waiters.is_empty() {
+                return seq;
+            }
+            for subscriber in waiters.iter() {
+                subscriber.waiting.store(false, Ordering::Release);
+            }
+            std::mem::take(&mut *waiters)
+        };
+        for subscriber in waiters {
+            subscriber.switch.wake_task();
+        }
+        seq
+    }
+}
+
+/// A socket's position in one feed: the next message to write, and the chunk that holds it.
+#[derive(Debug)]
+pub struct Reader {
+    feed: Arc<Feed>,
+    chunk: Arc<Chunk>,
+    /// Sequence number of the next message to write.
+    next: u64,
+    /// Where the write in progress stops (see [`Reader::mark`]).
+    end: u64,
+    subscriber: Arc<Subscriber>,
+}
+
+impl Reader {
+    /// The subscriber this reader advances (the hub keeps it to watch and wake the socket).
+    pub fn subscriber(&self) -> &Arc<Subscriber> {
+        &self.subscriber
+    }
+
+    /// Whether a message waits to be written.
+    pub fn has_unread(&self) -> bool {
+        self.feed.appended() > self.next
+    }
+
+    /// Fixes what the next write takes: every message appended so far. Returns how many.
+    pub fn mark(&mut self) -> usize {
+        self.end = self.feed.appended();
+        usize::try_from(self.end - self.next).unwrap_or(usize::MAX)
+    }
+
+    /// The messages up to the mark not written yet, in order, borrowed from the feed.
+    pub fn marked(&self) -> Marked<'_> {
+        Marked { chunk: &self.chunk, next: self.next, end: self.end }
+    }
+
+    /// Moves past `count` written messages (at most up to the mark); the chunks behind them
+    /// go once no other reader needs them.
+    pub fn advance(&mut self, count: usize) {
+        self.next = (self.next + count as u64).min(self.end.max(self.next));
+        while let Some((filled, next)) = self.chunk.next.get() {
+            if self.next - self.chunk.start < *filled as u64 {
+                break;
+            }
+            self.chunk = next.clone();
+        }
+        self.subscriber.taken.store(self.next, Ordering::Release);
+    }
+
+    /// Asks the feed to wake the socket at its next append. The caller checks
+    /// [`Reader::has_unread`] afterwards: an append between the two is then seen either way.
+    pub fn wait(&self) {
+        // Already listed (or being woken right now, which is as good).
+        if self.subscriber.waiting.load(Ordering::Acquire) {
+            return;
+        }
+        let mut waiters = self.feed.waiters.lock();
+        if !self.subscriber.waiting.swap(true, Ordering::AcqRel) {
+            waiters.push(self.subscriber.clone());
+        }
+    }
+}
+
+/// The marked, unwritten messages of a [`Reader`], oldest first.
+#[derive(Debug)]
+pub struct Marked<'a> {
+    chunk: &'a Chunk,
+    next: u64,
+    end: u64,
+}
+
+impl<'a> Iterator for Marked<'a> {
+    type Item = &'a Frame;
+
+    fn next(&mut self) -> Option<&'a Frame> {
+        while self.next < self.end {
+            let index = usize::try_from(self.next - self.chunk.start).unwrap_or(usize::MAX);
+            if let Some(frame) = self.chunk.slots.get(index).and_then(OnceLock::get) {
+                self.next += 1;
+                return Some(frame);
+            }
+            // Below the mark every message is appended, so the slot is in a later chunk,
+            // which is linked before the append that filled it.
+            let (_, next) = self.chunk.next.get()?;
+            self.chunk = next;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures_util::task::{ArcWake, waker};
+    use std::collections::VecDeque;
+    use std::sync::atomic::AtomicUsize;
+    use std::task::Context;
+
+    #[derive(Default)]
+    struct Wakes(AtomicUsize);
+
+    impl ArcWake for Wakes {
+        fn wake_by_ref(arc_self: &Arc<Self>) {
+            arc_self.0.fetch_add(1, Ordering::SeqCst);
+        }
+    }
+
+    /// Takes every message the reader has not written yet, the way a socket's write does.
+    fn take(reader: &mut Reader, batch: &mut VecDeque<Frame>) -> usize {
+        let count = reader.mark();
+        batch.extend(reader.marked().cloned());
+        reader.advance(count);
+        count
+    }
+
+    fn texts(batch: &VecDeque<Frame>) -> Vec<String> {
+        batch.iter().map(|f| String::from_utf8_lossy(f.payload()).into_owned()).collect()
+    }
+
+    #[test]
+    fn readers_see_every_message_after_they_joined_in_order_across_chunks() {
+        let feed = Arc::new(Feed::new());
+        feed.append(&Frame::text("before"));
+        let mut early = feed.reader(Arc::default());
+        let mut batch = VecDeque::new();
+        let mut expected = Vec::new();
+        for n in 0..100 {
+            feed.append(&Frame::text(&n.to_string()));
+            expected.push(n.to_string());
+            if n % 7 == 0 {
+                take(&mut early, &mut batch);
+            }
+        }
+        let mut late = feed.reader(Arc::default());
+        assert!(!late.has_unread(), "a new reader starts after what was appended before it");
+        feed.append(&Frame::text("last"));
+        take(&mut early, &mut batch);
+        expected.push("last".into());
+        assert_eq!(texts(&batch), expected);
+        assert_eq!(early.subscriber().behind(&feed), 0);
+
+        let mut late_batch = VecDeque::new();
+        assert_eq!(late.subscriber().behind(&feed), 1);
+        assert_eq!(take(&mut late, &mut late_batch), 1);
+        assert_eq!(texts(&late_batch), ["last"]);
+        assert_eq!(take(&mut late, &mut late_batch), 0);
+    }
+
+    #[test]
+    fn large_frames_close_a_chunk_early_and_nothing_is_skipped() {
+        let feed = Arc::new(Feed::new());
+        let mut reader = feed.reader(Arc::default());
+        let big = "x".repeat(MAX_CHUNK_BYTES / 2);
+        let mut batch = VecDeque::new();
+        for _ in 0..10 {
+            feed.append(&Frame::text(&big));
+        }
+        assert_eq!(take(&mut reader, &mut batch), 10);
+        assert!(batch.iter().all(|f| f.payload().len() == big.len()));
+    }
+
+    #[test]
+    fn an_append_wakes_waiting_readers_once_and_only_them() {
+        let feed = Arc::new(Feed::new());
+        let wakes = Arc::new(Wakes::default());
+        let waker = waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let switch = Arc::new(CloseSwitch::default());
+        let mut waiting = feed.reader(switch.clone());
+        let _lingering = feed.reader(Arc::default());
+        // Register the task's waker on the switch the way a socket's task does.
+        let mut closed = std::pin::pin!(switch.closed());
+        assert!(std::future::Future::poll(closed.as_mut(), &mut cx).is_pending());
+
+        waiting.wait();
+        waiting.wait();
+        assert!(!waiting.has_unread());
+        feed.append(&Frame::text("a"));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken once, though it asked twice");
+        feed.append(&Frame::text("b"));
+        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "a wait is used up by the append that wakes it");
+        let mut batch = VecDeque::new();
+        assert_eq!(take(&mut waiting, &mut batch), 2);
+    }
+}
