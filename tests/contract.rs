@@ -7,6 +7,8 @@ mod support;
 use futures_util::{SinkExt, StreamExt};
 use gateway_client::{Client, ClientError, ErrorCode};
 use serde_json::{Value, json};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use support::{Backend, Cluster, RawSocket, fresh_channel, within};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -27,6 +29,7 @@ contract_tests!(
     commands_without_id_get_no_reply_but_still_work,
     publisher_receives_its_own_message_and_others_do_too,
     many_messages_arrive_in_publish_order_on_every_subscriber,
+    a_subscribes_ok_comes_before_the_channels_first_message,
     websocket_pings_get_their_pongs_between_messages,
     channels_are_isolated,
     unsubscribe_stops_delivery_and_repeats_are_ok,
@@ -110,6 +113,46 @@ async fn many_messages_arrive_in_publish_order_on_every_subscriber(backend: Back
                 assert_eq!(message.data_json(), json!(expected));
             }
         }
+    }
+}
+
+/// While a channel is flooded, a new subscriber (on a node that has no subscriber yet, for
+/// Redis: the window between SUBSCRIBE and its confirmation) gets its `ok` before any message.
+async fn a_subscribes_ok_comes_before_the_channels_first_message(backend: Backend) {
+    // A queue deep enough that no reader of this test falls a queue behind (slow consumer).
+    let unlimited = ["--publish-rate", "1000000", "--publish-burst", "1000000", "--queue-size", "1000000"];
+    let cluster = Cluster::start(backend, &unlimited).await;
+    for round in 0..5u64 {
+        let channel = fresh_channel("ok-first");
+        let publisher_node = cluster.any_node();
+        let mut watcher = RawSocket::connect(&publisher_node.ws_url()).await;
+        watcher.subscribe(&channel).await;
+        let mut publisher = RawSocket::connect(&publisher_node.ws_url()).await;
+        let stop = Arc::new(AtomicBool::new(false));
+        let flood = tokio::spawn({
+            let (stop, channel) = (stop.clone(), channel.clone());
+            async move {
+                for i in 0..500_000u64 {
+                    if stop.load(Ordering::Relaxed) {
+                        break;
+                    }
+                    publisher.send_json(json!({"type": "publish", "channel": channel, "data": i})).await;
+                    if i % 64 == 0 {
+                        tokio::task::yield_now().await;
+                    }
+                }
+            }
+        });
+        assert_eq!(watcher.recv_json().await["type"], "message", "the flood is on");
+        drop(watcher);
+
+        let mut subscriber = RawSocket::connect(&cluster.any_node().ws_url()).await;
+        subscriber.send_json(json!({"type": "subscribe", "channel": channel, "id": round})).await;
+        assert_eq!(subscriber.recv_json().await, json!({"type": "ok", "id": round}));
+        let message = subscriber.recv_json().await;
+        assert_eq!((&message["type"], &message["channel"]), (&json!("message"), &json!(channel)));
+        stop.store(true, Ordering::Relaxed);
+        within("the flood to stop", flood).await.expect("the publishing task");
     }
 }
 

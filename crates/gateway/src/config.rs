@@ -67,8 +67,9 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_JWT_LEEWAY", default_value = "5s", value_parser = humantime::parse_duration)]
     pub jwt_leeway: Duration,
 
-    /// Capacity of each socket's outgoing queue, in frames; a socket whose queue is full is
-    /// closed with 1008 "slow consumer".
+    /// How many messages a socket may fall behind on one channel, and how many replies may wait
+    /// for it, before it is closed with 1008 "slow consumer". A socket half that far behind
+    /// writes at once instead of lingering.
     #[arg(long, env = "GATEWAY_QUEUE_SIZE", default_value_t = DEFAULT_QUEUE_SIZE)]
     pub queue_size: usize,
 

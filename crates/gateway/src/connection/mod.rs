@@ -449,6 +449,8 @@ impl Socket {
     fn complete(&mut self, done: Completion) {
         match done {
             Completion::Subscribed(id, channel, Ok(reader)) => {
+                // Most sockets have one channel: room for exactly one (a first push takes four).
+                self.readers.reserve_exact(1);
                 self.readers.push((channel, reader));
                 self.reply_ok(id.as_ref());
             }
