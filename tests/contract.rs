@@ -122,7 +122,7 @@ async fn a_subscribes_ok_comes_before_the_channels_first_message(backend: Backen
     // A queue deep enough that no reader of this test falls a queue behind (slow consumer).
     let unlimited = ["--publish-rate", "1000000", "--publish-burst", "1000000", "--queue-size", "1000000"];
     let cluster = Cluster::start(backend, &unlimited).await;
-    for round in 0..5u64 {
+    for round in 0..20u64 {
         let channel = fresh_channel("ok-first");
         let publisher_node = cluster.any_node();
         let mut watcher = RawSocket::connect(&publisher_node.ws_url()).await;

@@ -81,8 +81,21 @@ pub struct Feed {
     /// Mirrors `tail.next_seq` for lock-free reads.
     appended: AtomicU64,
     /// Subscribers waiting for the next message: woken, and forgotten, by the next append.
-    waiters: Mutex<Vec<Arc<Subscriber>>>,
+    waiters: Mutex<Waiters>,
 }
+
+/// The subscribers waiting for a feed's next message.
+#[derive(Debug, Default)]
+struct Waiters {
+    list: Vec<Arc<Subscriber>>,
+    /// The list's length at which subscribers that have left (only the list still holds them)
+    /// are dropped from it: without that, a socket subscribing and unsubscribing in a loop on a
+    /// quiet channel would grow the list until the next message.
+    prune_at: usize,
+}
+
+/// The smallest list of waiters that is pruned.
+const MIN_PRUNE_AT: usize = 16;
 
 impl Default for Feed {
     fn default() -> Self {
@@ -96,7 +109,7 @@ impl Feed {
         Self {
             tail: Mutex::new(Tail { chunk: Chunk::new(0, FIRST_CHUNK_SLOTS), next_seq: 0, bytes: 0 }),
             appended: AtomicU64::new(0),
-            waiters: Mutex::new(Vec::new()),
+            waiters: Mutex::new(Waiters { list: Vec::new(), prune_at: MIN_PRUNE_AT }),
         }
     }
 
@@ -140,13 +153,14 @@ impl Feed {
         };
         let waiters = {
             let mut waiters = self.waiters.lock();
-            if waiters.is_empty() {
+            if waiters.list.is_empty() {
                 return seq;
             }
-            for subscriber in waiters.iter() {
+            for subscriber in &waiters.list {
                 subscriber.waiting.store(false, Ordering::Release);
             }
-            std::mem::take(&mut *waiters)
+            waiters.prune_at = MIN_PRUNE_AT;
+            std::mem::take(&mut waiters.list)
         };
         for subscriber in waiters {
             subscriber.switch.wake_task();
@@ -211,7 +225,11 @@ impl Reader {
         }
         let mut waiters = self.feed.waiters.lock();
         if !self.subscriber.waiting.swap(true, Ordering::AcqRel) {
-            waiters.push(self.subscriber.clone());
+            waiters.list.push(self.subscriber.clone());
+            if waiters.list.len() >= waiters.prune_at {
+                waiters.list.retain(|subscriber| Arc::strong_count(subscriber) > 1);
+                waiters.prune_at = (waiters.list.len() * 2).max(MIN_PRUNE_AT);
+            }
         }
     }
 }
@@ -299,6 +317,20 @@ mod tests {
         assert_eq!(take(&mut late, &mut late_batch), 1);
         assert_eq!(texts(&late_batch), ["last"]);
         assert_eq!(take(&mut late, &mut late_batch), 0);
+    }
+
+    #[test]
+    fn readers_that_come_and_go_on_a_quiet_feed_do_not_pile_up_as_waiters() {
+        let feed = Arc::new(Feed::new());
+        let staying = feed.reader(Arc::default());
+        staying.wait();
+        for _ in 0..10_000 {
+            let reader = feed.reader(Arc::default());
+            reader.wait();
+        }
+        let waiting = feed.waiters.lock().list.len();
+        assert!(waiting < 2 * MIN_PRUNE_AT, "{waiting} waiters listed");
+        assert!(feed.waiters.lock().list.iter().any(|s| Arc::ptr_eq(s, staying.subscriber())));
     }
 
     #[test]
