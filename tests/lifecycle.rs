@@ -1,4 +1,4 @@
-//! One socket's life and the node's: slow consumers, heartbeats, a client's close, graceful shutdown,
+//! One socket's life and the node's: slow consumers, the write linger of a quiet socket, heartbeats, a client's close, graceful shutdown,
 //! and churn that must leave nothing behind.
 
 mod support;
@@ -47,6 +47,24 @@ async fn a_client_that_stops_reading_is_closed_as_slow_consumer_and_memory_stays
     let mut sub = observer.subscribe(&channel).await.expect("subscribe");
     publisher.publish_json(&channel, &json!("still serving")).await.expect("publish");
     assert_eq!(within("delivery", sub.recv()).await.expect("message").data_json(), json!("still serving"));
+}
+
+/// The write linger holds back a busy socket's writes, not a quiet one's: two messages in a
+/// row after a quiet spell go out at once, however long the linger (here longer than the test's
+/// deadline), and the subscribe's `ok` before them does not count as a write of the stream.
+#[tokio::test]
+async fn a_quiet_sockets_first_two_messages_are_not_held_back_by_the_linger() {
+    let node = Gateway::start("quiet", &["--write-linger", "1h"]);
+    node.wait_readyz(200).await;
+    let mut subscriber = RawSocket::connect(&node.ws_url()).await;
+    let channel = fresh_channel("quiet");
+    subscriber.subscribe(&channel).await;
+    for n in 0..2 {
+        assert_eq!(node.publish_http(&channel, &n.to_string(), None).await.status, 200);
+    }
+    for n in 0..2 {
+        assert_eq!(subscriber.recv_json().await["data"], json!(n));
+    }
 }
 
 #[tokio::test]

@@ -124,6 +124,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         control_owed: false,
         lingering: false,
         last_flush: None,
+        busy: false,
     };
     let exit = socket.serve().await;
     let label = match &exit {
@@ -160,8 +161,11 @@ struct Socket {
     control_owed: bool,
     /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
     lingering: bool,
-    /// When the last batch was flushed (drives the write linger).
+    /// When the last batch of channel messages was flushed (drives the write linger).
     last_flush: Option<Instant>,
+    /// The last write of channel messages carried several, or came less than a linger after the
+    /// one before: lingering before the next write is worth its latency.
+    busy: bool,
 }
 
 impl Socket {
@@ -259,10 +263,14 @@ impl Socket {
 
     /// When a busy socket should write what is queued: its previous flush was less than
     /// `--write-linger` ago, so waiting until that linger has passed lets one write carry
-    /// everything that arrives meanwhile. `None`: write now (the socket receives rarely, or the
-    /// queue is already half full). While it lingers the loop keeps reading, answering and
-    /// heartbeating; only the queue waits.
+    /// everything that arrives meanwhile. `None`: write now (the socket receives rarely, its last
+    /// write was a lone frame after a quiet spell, so a second message right behind the first is
+    /// not held back, or the queue is already half full). While it lingers the loop keeps
+    /// reading, answering and heartbeating; only the queue waits.
     fn linger_until(&self) -> Option<Instant> {
+        if !self.busy {
+            return None;
+        }
         let flush_at = self.last_flush? + self.node.config().write_linger;
         (Instant::now() < flush_at && !self.rx.is_half_full()).then_some(flush_at)
     }
@@ -285,10 +293,11 @@ impl Socket {
         // Replies first, then each channel's messages: a subscribe's `ok` goes out before the
         // channel's first message.
         rx.drain_into(batch);
-        let mut frames = batch.len() as u64;
+        let mut messages = 0;
         for (_, reader) in readers.iter_mut() {
-            frames += reader.mark() as u64;
+            messages += reader.mark() as u64;
         }
+        let frames = batch.len() as u64 + messages;
         let metrics = self.node.metrics();
         let write = async {
             timeout(write_timeout, async {
@@ -307,7 +316,13 @@ impl Socket {
             reason = switch.closed(), if abortable => return Err(Exit::Close(reason)),
             wrote = write => wrote,
         };
-        self.last_flush = Some(Instant::now());
+        // The linger is about a channel's stream: a write of replies alone leaves it as it was.
+        if messages > 0 {
+            let now = Instant::now();
+            let linger = self.node.config().write_linger;
+            self.busy = messages > 1 || self.last_flush.is_some_and(|last| now < last + linger);
+            self.last_flush = Some(now);
+        }
         if self.batch.capacity() > KEPT_BATCH_CAPACITY {
             self.batch.shrink_to(KEPT_BATCH_CAPACITY);
         }
