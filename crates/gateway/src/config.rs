@@ -86,10 +86,11 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_WRITE_BUFFER_SIZE", default_value_t = DEFAULT_WRITE_BUFFER_SIZE)]
     pub write_buffer_size: usize,
 
-    /// Write coalescing: a socket flushed less than this long ago waits until this long has passed
-    /// before its next write, so one write carries every frame queued meanwhile. Sockets that
-    /// receive less often are written to at once. It adds at most this much latency to a busy
-    /// socket: lower it for latency, raise it for less CPU per delivery. 0 disables.
+    /// Write coalescing: a busy socket (its last write carried several messages, or came less
+    /// than this long after the one before) that wrote less than this long ago waits until this
+    /// long has passed before its next write, so one write carries every message queued
+    /// meanwhile. Quieter sockets are written to at once. It adds at most this much latency to a
+    /// busy socket: lower it for latency, raise it for less CPU per delivery. 0 disables.
     #[arg(long, env = "GATEWAY_WRITE_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub write_linger: Duration,
 
