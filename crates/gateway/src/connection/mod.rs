@@ -1,9 +1,10 @@
 //! One socket's life, from upgrade to close, in one task.
 //!
 //! A single `select!` loop plays both pumps of the classic design: it reads client frames and
-//! turns them into node calls, and it drains the [`Outbox`] (every queued frame, already encoded,
-//! goes straight to the connection in vectored writes; a busy socket first lets `--write-linger`
-//! pass since its last write, so one write carries more). Reading, control frames and the close
+//! turns them into node calls, and it writes the socket's replies (queued in its [`Outbox`]) and
+//! its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every frame,
+//! already encoded, goes straight to the connection in vectored writes; a busy socket first lets
+//! `--write-linger` pass since its last write, so one write carries more. Reading, control frames and the close
 //! handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
@@ -279,6 +280,8 @@ impl Socket {
     /// whether it does.
     fn start_linger(&mut self, timer: Pin<&mut Sleep>) -> bool {
         let Some(flush_at) = self.linger_until() else { return false };
+        // An urge from before this write is answered by it.
+        self.switch.clear_urge();
         self.lingering = true;
         timer.reset(flush_at);
         true
@@ -486,6 +489,9 @@ impl Socket {
         // handshake (the hub entry is covered by the registration, which already lists it).
         self.pending = None;
         self.registration.leave();
+        let flush =
+            matches!(exit, Exit::Close(code) if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout));
+        self.detach_feeds(flush);
         let write_timeout = self.node.config().write_timeout;
         let code = match exit {
             Exit::Close(code) => code,
@@ -495,21 +501,44 @@ impl Socket {
                 return;
             }
         };
-        if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout) {
-            if (has_unread(&self.rx, &self.readers) || !self.batch.is_empty()) && self.write_batch(false).await.is_err()
-            {
+        if flush {
+            if (!self.rx.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
                 return;
             }
         } else if self.cut.written > 0 {
             // A frame cut mid-way must be finished before the close frame can follow it.
-            let (io, batch, readers) = (self.ws.get_mut(), &mut self.batch, &mut self.readers);
-            if !matches!(timeout(write_timeout, write_frames(io, batch, readers, &mut self.cut, 1)).await, Ok(Ok(()))) {
+            let (io, batch) = (self.ws.get_mut(), &mut self.batch);
+            if !matches!(timeout(write_timeout, write_frames(io, batch, &mut [], &mut self.cut, 1)).await, Ok(Ok(()))) {
                 return;
             }
         }
-        // Nothing more is read from the channels: let their messages go during the handshake.
-        self.readers.clear();
         close_handshake(&mut self.ws, code, write_timeout).await;
+    }
+
+    /// Lets go of the channels' feeds as the socket closes, so that it pins none of their
+    /// messages while it flushes and says goodbye (up to `--write-timeout` each): what it will
+    /// still write is cloned into its own batch first. That is a channel's frame cut mid-way
+    /// (which must be finished before anything else), first, and, with `everything`, every
+    /// message delivered to the socket so far.
+    fn detach_feeds(&mut self, everything: bool) {
+        if let Some(index) = self.cut.reader.take() {
+            match self.readers.get_mut(index) {
+                Some((_, reader)) => {
+                    if let Some(frame) = reader.marked().next().cloned() {
+                        self.batch.push_front(frame);
+                        reader.advance(1);
+                    }
+                }
+                None => self.cut.written = 0,
+            }
+        }
+        if everything {
+            for (_, reader) in &mut self.readers {
+                reader.mark();
+                self.batch.extend(reader.marked().cloned());
+            }
+        }
+        self.readers.clear();
     }
 }
 
@@ -535,7 +564,10 @@ async fn write_frames(
 ) -> io::Result<()> {
     // A channel's frame cut mid-way is finished first, alone: replies queued since then would
     // otherwise come before it. (A cut write ends the socket, so its readers are as they were.)
-    if let Some(reader) = cut.reader.and_then(|i| readers.get_mut(i)).map(|(_, reader)| reader) {
+    if let Some(index) = cut.reader {
+        let Some((_, reader)) = readers.get_mut(index) else {
+            return Err(io::Error::other("the channel of a frame cut mid-way is gone"));
+        };
         while let Some(frame) = reader.marked().next() {
             let n = io.write(&frame.wire()[cut.written..]).await?;
             if n == 0 {

@@ -1,17 +1,18 @@
-//! One socket's bounded outgoing queue and the switch that closes the socket.
+//! One socket's bounded queue of replies, and the switch that signals and closes the socket.
 //!
-//! The hub holds an [`Outbox`] per subscription and pushes shared frames into it without ever
-//! waiting: a full queue means the socket cannot keep up, so it is closed as a slow consumer
-//! instead of silently missing messages. The socket's task drains the [`Inbox`].
+//! The socket queues its replies (`ok`, `pong`, `error`) in its [`Outbox`] without ever
+//! waiting: a full queue means the client sends commands faster than it reads the answers, so
+//! it is closed as a slow consumer. The socket's task drains the [`Inbox`] before it writes its
+//! channels' messages. (Messages do not pass through here: each channel has one feed, read by
+//! every subscriber, see [`crate::hub::feed`].)
 //!
-//! The queue is a `VecDeque` behind a short mutex, drained whole by the socket's task: one
-//! lock per push and one per written batch. Compared with tokio's bounded channel it takes no
-//! second lock per received frame (the permit hand-back showed in fan-out profiles), and an idle
-//! socket's queue keeps no pre-allocated block.
+//! The queue is a `VecDeque` behind a short mutex, drained whole by the socket's task. Compared
+//! with tokio's bounded channel it takes no second lock per received frame, and an idle socket's
+//! queue keeps no pre-allocated block.
 //!
-//! Every signal to the socket's task (frames queued, queue half full, close asked) is an atomic
-//! flag plus one [`AtomicWaker`]: the task polls them on every wake-up, so each poll must stay a
-//! few atomic operations. (A `tokio::sync::Notify` takes its mutex whenever a waiting future is
+//! Every signal to the socket's task (a reply queued, a channel's message for a waiting socket,
+//! half a queue behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task polls
+//! them on every wake-up, so each poll must stay a few atomic operations. (A `tokio::sync::Notify` takes its mutex whenever a waiting future is
 //! polled; shared by many sockets, that mutex was a node-wide lock on every wake-up.)
 
 pub use super::frame::Frame;
@@ -75,6 +76,11 @@ impl CloseSwitch {
         self.task.wake();
     }
 
+    /// Forgets an urge: the write it asked for has just happened.
+    pub fn clear_urge(&self) {
+        self.urge.store(false, Ordering::Release);
+    }
+
     /// The reason given to [`CloseSwitch::close`], if any.
     pub fn reason(&self) -> Option<CloseCode> {
         match self.reason.load(Ordering::Acquire) {
@@ -102,8 +108,8 @@ impl CloseSwitch {
     }
 }
 
-/// The sending half of a socket's queue, as held by the hub.
-#[derive(Debug, Clone)]
+/// The sending half of a socket's queue of replies.
+#[derive(Debug)]
 pub struct Outbox {
     queue: Arc<Queue>,
     switch: Arc<CloseSwitch>,
@@ -122,8 +128,6 @@ pub struct Inbox {
 struct Queue {
     state: Mutex<Queued>,
     capacity: usize,
-    /// Set when the [`Inbox`] is dropped: the socket's task is gone.
-    gone: AtomicBool,
 }
 
 /// What the queue's mutex guards.
@@ -143,14 +147,6 @@ impl Queue {
     }
 }
 
-impl Drop for Inbox {
-    fn drop(&mut self) {
-        let mut state = self.queue.state.lock();
-        self.queue.gone.store(true, Ordering::Release);
-        state.frames.clear();
-    }
-}
-
 impl Inbox {
     /// Ready once at least one frame is queued, without taking it; until then a push wakes
     /// the task of `cx`.
@@ -164,11 +160,6 @@ impl Inbox {
         } else {
             Poll::Ready(())
         }
-    }
-
-    /// Resolves once at least one frame is queued, without taking it (cancel-safe).
-    pub async fn ready(&self) {
-        std::future::poll_fn(|cx| self.poll_ready(cx)).await;
     }
 
     /// Moves every queued frame to the back of `batch`, freeing their room in the queue.
@@ -205,14 +196,12 @@ pub enum Push {
     Queued,
     /// The queue was full: the socket is now closing as a slow consumer.
     SlowConsumer,
-    /// The socket is already gone.
-    Gone,
 }
 
 impl Outbox {
     /// Creates a queue of `capacity` frames for a socket controlled by `switch`.
     pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> (Self, Inbox) {
-        let queue = Arc::new(Queue { state: Mutex::default(), capacity, gone: AtomicBool::new(false) });
+        let queue = Arc::new(Queue { state: Mutex::default(), capacity });
         (Self { queue: queue.clone(), switch: switch.clone() }, Inbox { queue, switch })
     }
 
@@ -220,9 +209,7 @@ impl Outbox {
     pub fn push(&self, frame: Frame) -> Push {
         let (len, wake) = {
             let mut state = self.queue.state.lock();
-            if self.queue.gone.load(Ordering::Acquire) {
-                return Push::Gone;
-            } else if state.frames.len() >= self.queue.capacity {
+            if state.frames.len() >= self.queue.capacity {
                 drop(state);
                 self.switch.close(CloseCode::SlowConsumer);
                 return Push::SlowConsumer;
@@ -237,11 +224,6 @@ impl Outbox {
             self.switch.task.wake();
         }
         Push::Queued
-    }
-
-    /// The socket's close switch.
-    pub fn switch(&self) -> &Arc<CloseSwitch> {
-        &self.switch
     }
 }
 
@@ -270,13 +252,10 @@ mod tests {
         let switch = Arc::new(CloseSwitch::default());
         let (outbox, inbox) = Outbox::new(8, switch.clone());
 
-        {
-            let mut ready = std::pin::pin!(inbox.ready());
-            assert!(ready.as_mut().poll(&mut cx).is_pending());
-            assert_eq!(outbox.push(Frame::text("1")), Push::Queued);
-            assert_eq!(count(), 1, "a waiting task is woken by the first frame");
-            assert!(ready.as_mut().poll(&mut cx).is_ready());
-        }
+        assert!(inbox.poll_ready(&mut cx).is_pending());
+        assert_eq!(outbox.push(Frame::text("1")), Push::Queued);
+        assert_eq!(count(), 1, "a waiting task is woken by the first frame");
+        assert!(inbox.poll_ready(&mut cx).is_ready());
 
         // Not waiting (say, lingering): more frames do not wake it...
         for n in 2..4 {
@@ -302,7 +281,5 @@ mod tests {
         let mut batch = VecDeque::new();
         inbox.drain_into(&mut batch);
         assert_eq!(batch.len(), 8);
-        drop(inbox);
-        assert_eq!(outbox.push(Frame::text("late")), Push::Gone);
     }
 }

@@ -13,11 +13,11 @@
 
 use crate::connection::outbox::{CloseSwitch, Frame};
 use parking_lot::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
-/// Slots in a feed's first chunk; each next chunk has twice as many, up to [`MAX_CHUNK_SLOTS`].
-/// A quiet channel costs one small chunk.
+/// Slots in a feed's first chunk; each next chunk has room for twice what the one before it
+/// took, up to [`MAX_CHUNK_SLOTS`]. A quiet channel costs one small chunk.
 const FIRST_CHUNK_SLOTS: usize = 4;
 /// Slots in the largest chunk.
 const MAX_CHUNK_SLOTS: usize = 32;
@@ -38,6 +38,17 @@ struct Chunk {
 impl Chunk {
     fn new(start: u64, slots: usize) -> Arc<Self> {
         Arc::new(Self { start, slots: (0..slots).map(|_| OnceLock::new()).collect(), next: OnceLock::new() })
+    }
+}
+
+impl Drop for Chunk {
+    /// Frees the chunks behind this one that nobody else holds in a loop: left to the default
+    /// drop, a long chain (a reader far behind, many large messages) would recurse once per chunk.
+    fn drop(&mut self) {
+        let mut next = self.next.take();
+        while let Some((_, chunk)) = next {
+            next = Arc::into_inner(chunk).and_then(|mut chunk| chunk.next.take());
+        }
     }
 }
 
@@ -80,6 +91,11 @@ pub struct Feed {
     tail: Mutex<Tail>,
     /// Mirrors `tail.next_seq` for lock-free reads.
     appended: AtomicU64,
+    /// How many subscribers are listed in `waiters`, so that an append with nobody waiting takes
+    /// no lock. (Sequentially consistent with `appended`: a subscriber that lists itself and then
+    /// finds nothing new, and an appender that publishes a message and then finds nobody listed,
+    /// cannot both happen.)
+    listed: AtomicUsize,
     /// Subscribers waiting for the next message: woken, and forgotten, by the next append.
     waiters: Mutex<Waiters>,
 }
@@ -109,13 +125,14 @@ impl Feed {
         Self {
             tail: Mutex::new(Tail { chunk: Chunk::new(0, FIRST_CHUNK_SLOTS), next_seq: 0, bytes: 0 }),
             appended: AtomicU64::new(0),
+            listed: AtomicUsize::new(0),
             waiters: Mutex::new(Waiters { list: Vec::new(), prune_at: MIN_PRUNE_AT }),
         }
     }
 
     /// How many messages were appended so far (the next one's sequence number).
     pub fn appended(&self) -> u64 {
-        self.appended.load(Ordering::Acquire)
+        self.appended.load(Ordering::SeqCst)
     }
 
     /// A reader positioned after every message appended so far, for the socket behind `switch`.
@@ -135,7 +152,7 @@ impl Feed {
             let used = usize::try_from(tail.next_seq - tail.chunk.start).unwrap_or(usize::MAX);
             let size = frame.wire().len();
             if used == tail.chunk.slots.len() || (used > 0 && tail.bytes + size > MAX_CHUNK_BYTES) {
-                let slots = (tail.chunk.slots.len() * 2).min(MAX_CHUNK_SLOTS);
+                let slots = (used * 2).clamp(FIRST_CHUNK_SLOTS, MAX_CHUNK_SLOTS);
                 let next = Chunk::new(tail.next_seq, slots);
                 // Only this appender sets `next`, once per chunk.
                 let _ = tail.chunk.next.set((used, next.clone()));
@@ -148,14 +165,15 @@ impl Feed {
             let _ = tail.chunk.slots[index].set(frame.clone());
             tail.next_seq += 1;
             tail.bytes += size;
-            self.appended.store(tail.next_seq, Ordering::Release);
+            self.appended.store(tail.next_seq, Ordering::SeqCst);
             seq
         };
+        if self.listed.load(Ordering::SeqCst) == 0 {
+            return seq;
+        }
         let waiters = {
             let mut waiters = self.waiters.lock();
-            if waiters.list.is_empty() {
-                return seq;
-            }
+            self.listed.store(0, Ordering::SeqCst);
             for subscriber in &waiters.list {
                 subscriber.waiting.store(false, Ordering::Release);
             }
@@ -230,7 +248,16 @@ impl Reader {
                 waiters.list.retain(|subscriber| Arc::strong_count(subscriber) > 1);
                 waiters.prune_at = (waiters.list.len() * 2).max(MIN_PRUNE_AT);
             }
+            self.feed.listed.store(waiters.list.len(), Ordering::SeqCst);
         }
+    }
+}
+
+impl Drop for Reader {
+    /// A reader that is gone (its socket unsubscribed or closed) no longer counts as behind,
+    /// even while its subscriber is still listed in the hub.
+    fn drop(&mut self) {
+        self.subscriber.taken.store(u64::MAX, Ordering::Release);
     }
 }
 
@@ -331,6 +358,19 @@ mod tests {
         let waiting = feed.waiters.lock().list.len();
         assert!(waiting < 2 * MIN_PRUNE_AT, "{waiting} waiters listed");
         assert!(feed.waiters.lock().list.iter().any(|s| Arc::ptr_eq(s, staying.subscriber())));
+    }
+
+    #[test]
+    fn a_long_chain_behind_a_dropped_reader_is_freed_without_deep_recursion() {
+        let feed = Arc::new(Feed::new());
+        let reader = feed.reader(Arc::default());
+        // Frames over half a chunk's bytes: one chunk each.
+        let frame = Frame::text(&"x".repeat(MAX_CHUNK_BYTES / 2 + 1));
+        for _ in 0..100_000 {
+            feed.append(&frame);
+        }
+        drop(reader);
+        assert_eq!(feed.appended(), 100_000);
     }
 
     #[test]

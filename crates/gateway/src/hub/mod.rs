@@ -163,9 +163,12 @@ mod tests {
         let (slow_switch, fast_switch) = (Arc::new(CloseSwitch::default()), Arc::new(CloseSwitch::default()));
         let (_slow, _) = hub.add(&c, 1, slow_switch.clone());
         let (mut fast, _) = hub.add(&c, 2, fast_switch.clone());
+        // A socket that has let go of its reader (unsubscribing) is never behind.
+        let gone_switch = Arc::new(CloseSwitch::default());
+        drop(hub.add(&c, 3, gone_switch.clone()).0);
         let mut batch = VecDeque::new();
         for n in 0..8 {
-            assert_eq!(hub.deliver("a", &Frame::text(&n.to_string())), 2);
+            assert_eq!(hub.deliver("a", &Frame::text(&n.to_string())), 3);
             {
                 let n = fast.mark();
                 batch.extend(fast.marked().cloned());
@@ -181,6 +184,7 @@ mod tests {
         }
         assert_eq!(slow_switch.reason(), Some(CloseCode::SlowConsumer));
         assert_eq!(fast_switch.reason(), None);
+        assert_eq!(gone_switch.reason(), None);
         assert_eq!(batch.len(), 9);
     }
 }
