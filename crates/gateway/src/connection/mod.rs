@@ -26,6 +26,7 @@ pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
 use crate::hub::feed::Reader;
 use crate::node::{CommandError, Node, Published, Source};
+use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
@@ -37,6 +38,7 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -111,6 +113,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
     let registration = Registration::new(node.clone(), conn, switch.clone());
     let mut socket = Socket {
         ws,
+        read_wake: Arc::new(ReadWake { woken: AtomicBool::new(true), task: AtomicWaker::new() }),
         rx,
         node,
         outbox,
@@ -142,6 +145,8 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
 
 struct Socket {
     ws: WsStream,
+    /// Says whether the connection's read side has woken the task (see [`next_frame`]).
+    read_wake: Arc<ReadWake>,
     rx: Inbox,
     node: Arc<Node>,
     outbox: Outbox,
@@ -219,7 +224,7 @@ impl Socket {
                 }
                 // Reading pauses while our own queue is half full, so a client that pipelines faster
                 // than its replies can be written is slowed down instead of overflowing its queue.
-                incoming = self.ws.next(),
+                incoming = next_frame(&mut self.ws, &self.read_wake),
                     if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && !self.rx.is_half_full() =>
                 {
                     last_seen = Instant::now();
@@ -644,6 +649,42 @@ pub(crate) async fn close_handshake(ws: &mut WsStream, code: CloseCode, write_ti
     }
     let _ =
         timeout(write_timeout.min(Duration::from_secs(5)), async { while let Some(Ok(_)) = ws.next().await {} }).await;
+}
+
+/// The waker the WebSocket stream's read side is polled with: it wakes the socket's task and
+/// notes that the read side asked for it.
+struct ReadWake {
+    /// The read side woke the task, or returned a frame (more may be buffered) and must be
+    /// polled again.
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl ArcWake for ReadWake {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.woken.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
+}
+
+/// The next frame from the client. The stream is polled only when its read side woke the task
+/// (or returned a frame last time), not on every wake-up: a busy socket wakes mostly for its
+/// writes, and polling the read side each time (the WebSocket layer's waker proxy, the
+/// connection's readiness lock) was a visible share of a fan-out profile.
+async fn next_frame(ws: &mut WsStream, wake: &Arc<ReadWake>) -> Option<Result<Message, tungstenite::Error>> {
+    std::future::poll_fn(|cx| {
+        wake.task.register(cx.waker());
+        if !wake.woken.swap(false, Ordering::AcqRel) {
+            return Poll::Pending;
+        }
+        let waker = waker_ref(wake);
+        let polled = ws.poll_next_unpin(&mut Context::from_waker(&waker));
+        if polled.is_ready() {
+            wake.woken.store(true, Ordering::Release);
+        }
+        polled
+    })
+    .await
 }
 
 /// Resolves once a reply is queued or a channel has a message for the socket, without taking
