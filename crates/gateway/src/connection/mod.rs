@@ -527,13 +527,13 @@ impl Socket {
     /// message delivered to the socket so far.
     fn detach_feeds(&mut self, everything: bool) {
         if let Some(index) = self.cut.reader.take() {
-            match self.readers.get_mut(index) {
-                Some((_, reader)) => {
-                    if let Some(frame) = reader.marked().next().cloned() {
-                        self.batch.push_front(frame);
-                        reader.advance(1);
-                    }
+            let reader = self.readers.get_mut(index).map(|(_, reader)| reader);
+            match reader.and_then(|reader| Some((reader.marked().next()?.clone(), reader))) {
+                Some((frame, reader)) => {
+                    self.batch.push_front(frame);
+                    reader.advance(1);
                 }
+                // Not reached: a cut frame is always a marked one.
                 None => self.cut.written = 0,
             }
         }
