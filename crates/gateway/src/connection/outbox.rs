@@ -227,28 +227,38 @@ impl Outbox {
     }
 }
 
+/// A waker that counts its wake-ups, for tests of the socket's signals (here and in the feeds).
+#[cfg(test)]
+#[derive(Debug, Default)]
+pub(crate) struct CountingWaker(std::sync::atomic::AtomicUsize);
+
+#[cfg(test)]
+impl CountingWaker {
+    /// Wake-ups so far.
+    pub(crate) fn count(&self) -> usize {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+#[cfg(test)]
+impl futures_util::task::ArcWake for CountingWaker {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.0.fetch_add(1, Ordering::SeqCst);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::task::{ArcWake, waker};
+    use futures_util::task::waker;
     use std::future::Future;
-    use std::sync::atomic::AtomicUsize;
-
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl ArcWake for Wakes {
-        fn wake_by_ref(arc_self: &Arc<Self>) {
-            arc_self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     #[test]
     fn a_push_wakes_the_task_only_when_it_waits_for_frames_or_must_hurry() {
-        let wakes = Arc::new(Wakes::default());
+        let wakes = Arc::new(CountingWaker::default());
         let waker = waker(wakes.clone());
         let mut cx = Context::from_waker(&waker);
-        let count = || wakes.0.load(Ordering::SeqCst);
+        let count = || wakes.count();
         let switch = Arc::new(CloseSwitch::default());
         let (outbox, inbox) = Outbox::new(8, switch.clone());
 

@@ -291,19 +291,10 @@ impl<'a> Iterator for Marked<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures_util::task::{ArcWake, waker};
+    use crate::connection::outbox::CountingWaker;
+    use futures_util::task::waker;
     use std::collections::VecDeque;
-    use std::sync::atomic::AtomicUsize;
     use std::task::Context;
-
-    #[derive(Default)]
-    struct Wakes(AtomicUsize);
-
-    impl ArcWake for Wakes {
-        fn wake_by_ref(arc_self: &Arc<Self>) {
-            arc_self.0.fetch_add(1, Ordering::SeqCst);
-        }
-    }
 
     /// Takes every message the reader has not written yet, the way a socket's write does.
     fn take(reader: &mut Reader, batch: &mut VecDeque<Frame>) -> usize {
@@ -389,7 +380,7 @@ mod tests {
     #[test]
     fn an_append_wakes_waiting_readers_once_and_only_them() {
         let feed = Arc::new(Feed::new());
-        let wakes = Arc::new(Wakes::default());
+        let wakes = Arc::new(CountingWaker::default());
         let waker = waker(wakes.clone());
         let mut cx = Context::from_waker(&waker);
         let switch = Arc::new(CloseSwitch::default());
@@ -403,9 +394,9 @@ mod tests {
         waiting.wait();
         assert!(!waiting.has_unread());
         feed.append(&Frame::text("a"));
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "woken once, though it asked twice");
+        assert_eq!(wakes.count(), 1, "woken once, though it asked twice");
         feed.append(&Frame::text("b"));
-        assert_eq!(wakes.0.load(Ordering::SeqCst), 1, "a wait is used up by the append that wakes it");
+        assert_eq!(wakes.count(), 1, "a wait is used up by the append that wakes it");
         let mut batch = VecDeque::new();
         assert_eq!(take(&mut waiting, &mut batch), 2);
     }
