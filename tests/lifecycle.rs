@@ -67,6 +67,25 @@ async fn a_quiet_sockets_first_two_messages_are_not_held_back_by_the_linger() {
     }
 }
 
+/// At the default level (`info`), a socket's whole life (subscribe, a message, the client's close
+/// and its answer) writes no log line: neither ours nor the WebSocket library's debug lines.
+#[tokio::test]
+async fn a_sockets_life_logs_nothing_at_the_default_level() {
+    let node = Gateway::start("quiet-logs", &[]);
+    node.wait_readyz(200).await;
+    let mut socket = RawSocket::connect(&node.ws_url()).await;
+    let channel = fresh_channel("quiet-logs");
+    socket.subscribe(&channel).await;
+    assert_eq!(node.publish_http(&channel, "1", None).await.status, 200);
+    assert_eq!(socket.recv_json().await["data"], json!(1));
+    socket.inner().close(None).await.expect("close");
+    socket.recv_close().await;
+    node.wait_metric("gateway_connections", 0.0).await;
+    let per_socket: Vec<String> =
+        node.logs().into_iter().filter(|line| line.contains("DEBUG") || line.contains("TRACE")).collect();
+    assert!(per_socket.is_empty(), "debug lines at the info level: {per_socket:?}");
+}
+
 #[tokio::test]
 async fn a_silent_peer_is_dropped_by_the_heartbeat_and_a_live_one_is_not() {
     let node = Gateway::start("heartbeat", &["--ping-interval", "200ms", "--pong-timeout", "300ms"]);

@@ -7,6 +7,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tracing_subscriber::EnvFilter;
+use tracing_subscriber::filter::LevelFilter;
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -50,10 +51,12 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The WebSocket library logs frame payloads (tokens in `refresh` frames) at trace level:
-    // never let a global `RUST_LOG=trace` reach it.
+    // never let a `RUST_LOG` that enables trace reach it. Only then: the cap is a directive of
+    // its own, and added to a quieter filter it would turn the library's debug lines on.
+    let traces = filter.max_level_hint().is_none_or(|max| max > LevelFilter::DEBUG);
     let filter = match "tungstenite=debug".parse() {
-        Ok(cap) => filter.add_directive(cap),
-        Err(_) => filter,
+        Ok(cap) if traces => filter.add_directive(cap),
+        _ => filter,
     };
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
