@@ -9,7 +9,7 @@ use serde_json::json;
 use serde_json::value::RawValue;
 use std::io::Cursor;
 use std::time::Duration;
-use support::{Backend, Cluster, Gateway, RawSocket, fresh_channel, within};
+use support::{Backend, Cluster, Gateway, RawSocket, eventually, fresh_channel, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::protocol::frame::FrameHeader;
@@ -59,19 +59,19 @@ async fn a_quiet_sockets_first_two_messages_are_not_held_back_by_the_linger() {
     let mut subscriber = RawSocket::connect(&node.ws_url()).await;
     let channel = fresh_channel("quiet");
     subscriber.subscribe(&channel).await;
+    // One at a time: two messages that reach the socket together would share one write anyway.
     for n in 0..2 {
         assert_eq!(node.publish_http(&channel, &n.to_string(), None).await.status, 200);
-    }
-    for n in 0..2 {
         assert_eq!(subscriber.recv_json().await["data"], json!(n));
     }
 }
 
 /// At the default level (`info`), a socket's whole life (subscribe, a message, the client's close
-/// and its answer) writes no log line: neither ours nor the WebSocket library's debug lines.
+/// and its answer) writes no log line about it: neither ours nor the WebSocket library's debug
+/// lines. The node is then shut down, so that every line it wrote has been read.
 #[tokio::test]
 async fn a_sockets_life_logs_nothing_at_the_default_level() {
-    let node = Gateway::start("quiet-logs", &[]);
+    let mut node = Gateway::start("quiet-logs", &[]);
     node.wait_readyz(200).await;
     let mut socket = RawSocket::connect(&node.ws_url()).await;
     let channel = fresh_channel("quiet-logs");
@@ -81,9 +81,16 @@ async fn a_sockets_life_logs_nothing_at_the_default_level() {
     socket.inner().close(None).await.expect("close");
     socket.recv_close().await;
     node.wait_metric("gateway_connections", 0.0).await;
-    let per_socket: Vec<String> =
-        node.logs().into_iter().filter(|line| line.contains("DEBUG") || line.contains("TRACE")).collect();
-    assert!(per_socket.is_empty(), "debug lines at the info level: {per_socket:?}");
+    node.terminate();
+    assert!(node.wait_exit(Duration::from_secs(10)).await.success());
+    // Lines arrive in order: once the drain's line is read, so is everything before it.
+    eventually("the drain's log line", || async { node.logs().iter().any(|l| l.contains("drained")) }).await;
+    let per_socket: Vec<String> = node
+        .logs()
+        .into_iter()
+        .filter(|line| line.contains("DEBUG") || line.contains("TRACE") || line.contains(&channel))
+        .collect();
+    assert!(per_socket.is_empty(), "lines about one socket at the info level: {per_socket:?}");
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use support::http::HttpResponse;
-use support::{Gateway, RawSocket, fresh_channel, within};
+use support::{Gateway, RawSocket, eventually, fresh_channel, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
@@ -433,6 +433,31 @@ async fn a_refresh_before_expiry_keeps_the_socket_open() {
     assert_eq!(raw.recv_json().await, json!({"type": "message", "channel": channel, "data": "after the first exp"}));
     assert_eq!(node.metric(&disconnects("token_expired")).await, 0.0);
     bystander.assert_unaffected().await;
+}
+
+/// The WebSocket library logs frame payloads at trace level. Even with RUST_LOG asking for trace,
+/// down to the library's own module, neither the connect token nor a refresh token reaches the
+/// log (the node is shut down first, so that every line it wrote has been read).
+#[tokio::test]
+async fn tokens_never_reach_the_log_even_at_trace_level() {
+    let mut node = Gateway::start_logging("trace-logs", &["--jwt-secret", SECRET], "trace,tungstenite::protocol=trace");
+    node.wait_readyz(200).await;
+    let (connect_token, refresh_token) = (hs256(&claims("trace", 60)), hs256(&claims("trace", 120)));
+    let mut raw = raw_with_token(&node, &connect_token).await;
+    let reply = raw.command(json!({"type": "refresh", "token": refresh_token}), 1).await;
+    assert_eq!(reply, json!({"type": "ok", "id": 1}));
+    assert_serving(&mut raw, 2).await;
+    drop(raw);
+    node.wait_metric("gateway_connections", 0.0).await;
+    node.terminate();
+    assert!(node.wait_exit(Duration::from_secs(10)).await.success());
+    eventually("the drain's log line", || async { node.logs().iter().any(|l| l.contains("drained")) }).await;
+    let logs = node.logs().join("\n");
+    assert!(logs.contains("\"level\":\"DEBUG\""), "the node logs below info");
+    for token in [&connect_token, &refresh_token] {
+        let signature = token.rsplit('.').next().expect("a signature");
+        assert!(!logs.contains(signature), "a token reached the logs");
+    }
 }
 
 #[tokio::test]

@@ -19,12 +19,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Starts `gateway --listen 127.0.0.1:0 ARGS...` and waits until it serves.
+    /// Starts `gateway --listen 127.0.0.1:0 ARGS...` (logging at `info`) and waits until it serves.
     pub fn start(name: &str, args: &[&str]) -> Self {
+        Self::start_logging(name, args, "info")
+    }
+
+    /// Like [`Gateway::start`], with `RUST_LOG=rust_log`.
+    pub fn start_logging(name: &str, args: &[&str], rust_log: &str) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_gateway"))
             .env_clear()
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", rust_log)
             .args(["--listen", "127.0.0.1:0", "--log-format", "json", "--node-id", name])
             .args(args)
             .stdin(Stdio::null())

@@ -6,8 +6,11 @@ use gateway::config::LogFormat;
 use std::process::ExitCode;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::Level;
 use tracing_subscriber::EnvFilter;
-use tracing_subscriber::filter::LevelFilter;
+use tracing_subscriber::filter::{FilterExt, FilterFn, LevelFilter};
+use tracing_subscriber::layer::{Layer, SubscriberExt};
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() -> ExitCode {
     let config = Config::parse();
@@ -51,18 +54,22 @@ fn main() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     // The WebSocket library logs frame payloads (tokens in `refresh` frames) at trace level:
-    // never let a `RUST_LOG` that enables trace reach it. Only then: the cap is a directive of
-    // its own, and added to a quieter filter it would turn the library's debug lines on.
-    let traces = filter.max_level_hint().is_none_or(|max| max > LevelFilter::DEBUG);
-    let filter = match "tungstenite=debug".parse() {
-        Ok(cap) if traces => filter.add_directive(cap),
-        _ => filter,
-    };
+    // its trace events are dropped whatever RUST_LOG says. A filter of their own, not a
+    // directive: a directive would lose to a more specific one in RUST_LOG, and would turn the
+    // library's debug lines on under a quieter RUST_LOG. A `FilterFn` sees only a call site's
+    // static metadata, so its answer is cached per call site; its level hint is left open, so
+    // that the combined hint stays RUST_LOG's and disabled call sites stay free.
+    let no_payloads = FilterFn::new(|meta| {
+        !(*meta.level() == Level::TRACE
+            && (meta.target().starts_with("tungstenite") || meta.target().starts_with("tokio_tungstenite")))
+    })
+    .with_max_level_hint(LevelFilter::TRACE);
+    let filter = filter.and(no_payloads);
     let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let layer = tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_ansi(ansi);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => tracing_subscriber::registry().with(layer.with_filter(filter)).init(),
+        LogFormat::Json => tracing_subscriber::registry().with(layer.json().with_filter(filter)).init(),
     }
 }
 

@@ -496,7 +496,9 @@ impl Socket {
         self.registration.leave();
         let flush =
             matches!(exit, Exit::Close(code) if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout));
-        self.detach_feeds(flush);
+        if !self.detach_feeds(flush) {
+            return;
+        }
         let write_timeout = self.node.config().write_timeout;
         let code = match exit {
             Exit::Close(code) => code,
@@ -522,28 +524,30 @@ impl Socket {
 
     /// Lets go of the channels' feeds as the socket closes, so that it pins none of their
     /// messages while it flushes and says goodbye (up to `--write-timeout` each): what it will
-    /// still write is cloned into its own batch first. That is a channel's frame cut mid-way
-    /// (which must be finished before anything else), first, and, with `everything`, every
-    /// message delivered to the socket so far.
-    fn detach_feeds(&mut self, everything: bool) {
+    /// still write is cloned into its own batch first, in the order a write takes it. That is a
+    /// channel's frame cut mid-way (which must be finished before anything else), then, with
+    /// `everything`, the queued replies and every message delivered to the socket so far.
+    /// Returns false if a cut frame cannot be finished (not reached: a cut frame is always a
+    /// marked one), in which case nothing more may be written.
+    fn detach_feeds(&mut self, everything: bool) -> bool {
         if let Some(index) = self.cut.reader.take() {
             let reader = self.readers.get_mut(index).map(|(_, reader)| reader);
-            match reader.and_then(|reader| Some((reader.marked().next()?.clone(), reader))) {
-                Some((frame, reader)) => {
-                    self.batch.push_front(frame);
-                    reader.advance(1);
-                }
-                // Not reached: a cut frame is always a marked one.
-                None => self.cut.written = 0,
-            }
+            let Some((frame, reader)) = reader.and_then(|reader| Some((reader.marked().next()?.clone(), reader)))
+            else {
+                return false;
+            };
+            self.batch.push_front(frame);
+            reader.advance(1);
         }
         if everything {
+            self.rx.drain_into(&mut self.batch);
             for (_, reader) in &mut self.readers {
                 reader.mark();
                 self.batch.extend(reader.marked().cloned());
             }
         }
         self.readers.clear();
+        true
     }
 }
 
