@@ -4,8 +4,8 @@
 //! turns them into node calls, and it writes the socket's replies (queued in its [`Outbox`]) and
 //! its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every frame,
 //! already encoded, goes straight to the connection in vectored writes; a busy socket first lets
-//! `--write-linger` pass since its last write, so one write carries more. Reading, control frames and the close
-//! handshake are tungstenite's.
+//! `--write-linger` pass since its last write, so one write carries more. Reading, control
+//! frames and the close handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
@@ -542,8 +542,7 @@ impl Socket {
         if everything {
             self.rx.drain_into(&mut self.batch);
             for (_, reader) in &mut self.readers {
-                reader.mark();
-                self.batch.extend(reader.marked().cloned());
+                reader.take_all(&mut self.batch);
             }
         }
         self.readers.clear();
@@ -605,43 +604,45 @@ async fn write_frames(
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
-        while n > 0
-            && let Some(front) = batch.front()
-        {
-            let left = front.wire().len() - cut.written;
-            if n < left {
-                cut.written += n;
-                n = 0;
-                break;
-            }
-            n -= left;
-            cut.written = 0;
-            batch.pop_front();
-            limit -= 1;
-        }
+        let whole = written_through(batch.iter(), &mut n, &mut cut.written);
+        batch.drain(..whole);
+        limit -= whole;
         for (index, (_, reader)) in readers.iter_mut().enumerate() {
             if n == 0 {
                 break;
             }
-            let mut whole = 0;
-            for frame in reader.marked() {
-                let left = frame.wire().len() - cut.written;
-                if n < left {
-                    cut.written += n;
-                    cut.reader = Some(index);
-                    n = 0;
-                    break;
-                }
-                n -= left;
-                cut.written = 0;
-                cut.reader = None;
-                whole += 1;
+            let whole = written_through(reader.marked(), &mut n, &mut cut.written);
+            if n == 0 {
+                // The write ended among this reader's frames: inside one of them, or between.
+                cut.reader = (cut.written > 0).then_some(index);
             }
             reader.advance(whole);
             limit -= whole;
         }
     }
     Ok(())
+}
+
+/// Takes the `n` bytes a write put out off `frames`, in order, the first from `written` on:
+/// returns how many frames they cover whole, leaves in `n` what goes beyond `frames`, and in
+/// `written` how much of a frame they end inside (0 at a frame's end).
+fn written_through<'a>(frames: impl Iterator<Item = &'a Frame>, n: &mut usize, written: &mut usize) -> usize {
+    let mut whole = 0;
+    for frame in frames {
+        if *n == 0 {
+            break;
+        }
+        let left = frame.wire().len() - *written;
+        if *n < left {
+            *written += *n;
+            *n = 0;
+            break;
+        }
+        *n -= left;
+        *written = 0;
+        whole += 1;
+    }
+    whole
 }
 
 /// Sends a close frame with `code` (bounded by `write_timeout`), then reads until the peer

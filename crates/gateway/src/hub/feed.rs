@@ -13,6 +13,7 @@
 
 use crate::connection::outbox::{CloseSwitch, Frame};
 use parking_lot::Mutex;
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 
@@ -234,6 +235,16 @@ impl Reader {
         self.subscriber.taken.store(self.next, Ordering::Release);
     }
 
+    /// Clones every message not written yet to the back of `batch`, and moves past them; returns
+    /// how many. (A closing socket keeps what it still has to write this way, and lets go of the
+    /// feed.)
+    pub fn take_all(&mut self, batch: &mut VecDeque<Frame>) -> usize {
+        let count = self.mark();
+        batch.extend(self.marked().cloned());
+        self.advance(count);
+        count
+    }
+
     /// Asks the feed to wake the socket at its next append. The caller checks
     /// [`Reader::has_unread`] afterwards: an append between the two is then seen either way.
     pub fn wait(&self) {
@@ -293,16 +304,7 @@ mod tests {
     use super::*;
     use crate::connection::outbox::CountingWaker;
     use futures_util::task::waker;
-    use std::collections::VecDeque;
     use std::task::Context;
-
-    /// Takes every message the reader has not written yet, the way a socket's write does.
-    fn take(reader: &mut Reader, batch: &mut VecDeque<Frame>) -> usize {
-        let count = reader.mark();
-        batch.extend(reader.marked().cloned());
-        reader.advance(count);
-        count
-    }
 
     fn texts(batch: &VecDeque<Frame>) -> Vec<String> {
         batch.iter().map(|f| String::from_utf8_lossy(f.payload()).into_owned()).collect()
@@ -319,22 +321,22 @@ mod tests {
             feed.append(&Frame::text(&n.to_string()));
             expected.push(n.to_string());
             if n % 7 == 0 {
-                take(&mut early, &mut batch);
+                early.take_all(&mut batch);
             }
         }
         let mut late = feed.reader(Arc::default());
         assert!(!late.has_unread(), "a new reader starts after what was appended before it");
         feed.append(&Frame::text("last"));
-        take(&mut early, &mut batch);
+        early.take_all(&mut batch);
         expected.push("last".into());
         assert_eq!(texts(&batch), expected);
         assert_eq!(early.subscriber().behind(&feed), 0);
 
         let mut late_batch = VecDeque::new();
         assert_eq!(late.subscriber().behind(&feed), 1);
-        assert_eq!(take(&mut late, &mut late_batch), 1);
+        assert_eq!(late.take_all(&mut late_batch), 1);
         assert_eq!(texts(&late_batch), ["last"]);
-        assert_eq!(take(&mut late, &mut late_batch), 0);
+        assert_eq!(late.take_all(&mut late_batch), 0);
     }
 
     #[test]
@@ -373,7 +375,7 @@ mod tests {
         for _ in 0..10 {
             feed.append(&Frame::text(&big));
         }
-        assert_eq!(take(&mut reader, &mut batch), 10);
+        assert_eq!(reader.take_all(&mut batch), 10);
         assert!(batch.iter().all(|f| f.payload().len() == big.len()));
     }
 
@@ -398,6 +400,6 @@ mod tests {
         feed.append(&Frame::text("b"));
         assert_eq!(wakes.count(), 1, "a wait is used up by the append that wakes it");
         let mut batch = VecDeque::new();
-        assert_eq!(take(&mut waiting, &mut batch), 2);
+        assert_eq!(waiting.take_all(&mut batch), 2);
     }
 }

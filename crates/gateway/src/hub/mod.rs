@@ -169,19 +169,11 @@ mod tests {
         let mut batch = VecDeque::new();
         for n in 0..8 {
             assert_eq!(hub.deliver("a", &Frame::text(&n.to_string())), 3);
-            {
-                let n = fast.mark();
-                batch.extend(fast.marked().cloned());
-                fast.advance(n);
-            }
+            fast.take_all(&mut batch);
         }
         assert_eq!(slow_switch.reason(), None, "a full queue is not yet too much");
         hub.deliver("a", &Frame::text("8"));
-        {
-            let n = fast.mark();
-            batch.extend(fast.marked().cloned());
-            fast.advance(n);
-        }
+        fast.take_all(&mut batch);
         assert_eq!(slow_switch.reason(), Some(CloseCode::SlowConsumer));
         assert_eq!(fast_switch.reason(), None);
         assert_eq!(gone_switch.reason(), None);
