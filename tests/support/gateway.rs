@@ -151,6 +151,13 @@ impl Gateway {
         self.logs.lock().expect("log lock").clone()
     }
 
+    /// The whole log of a node that has shut down, once it is read up to the drain's line (lines
+    /// are read in order by another thread: once that one is in, so is everything before it).
+    pub async fn logs_through_drain(&self) -> Vec<String> {
+        super::eventually("the drain's log line", || async { self.logs().iter().any(|l| l.contains("drained")) }).await;
+        self.logs()
+    }
+
     /// Resident memory of the process, from /proc.
     pub fn rss_bytes(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
