@@ -20,11 +20,11 @@
 //! backplane, without touching the hub. The Redis backplane PUBLISHes it; Redis sends it to every
 //! node subscribed to that channel, the publisher's own node included, so every node sees one
 //! order. Each node's subscriber task frames the text once as a WebSocket frame
-//! ([`connection::frame::Frame`]) and passes it to [`hub::Hub::deliver`], which pushes a
-//! refcounted clone into every local subscriber's outbox without waiting (a full outbox closes
-//! that socket as a slow consumer). Each socket's task wakes and writes the queued frames' shared
-//! bytes in one vectored write. With the in-memory backplane, publish frames and calls `deliver`
-//! directly.
+//! ([`connection::frame::Frame`]) and passes it to [`hub::Hub::deliver`], which appends it once
+//! to the channel's [`hub::feed::Feed`] without waiting (a subscriber that falls a queue behind
+//! is closed as a slow consumer). Each socket's task, when its linger ends, writes the feed's
+//! frames from its own position, shared bytes in vectored writes. With the in-memory backplane,
+//! publish frames and calls `deliver` directly.
 
 pub mod auth;
 pub mod backplane;

@@ -12,8 +12,9 @@
 //!
 //! Every signal to the socket's task (a reply queued, a channel's message for a waiting socket,
 //! half a queue behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task polls
-//! them on every wake-up, so each poll must stay a few atomic operations. (A `tokio::sync::Notify` takes its mutex whenever a waiting future is
-//! polled; shared by many sockets, that mutex was a node-wide lock on every wake-up.)
+//! them on every wake-up, so each poll must stay a few atomic operations. (A
+//! `tokio::sync::Notify` takes its mutex whenever a waiting future is polled; shared by many
+//! sockets, that mutex was a node-wide lock on every wake-up.)
 
 pub use super::frame::Frame;
 use futures_util::task::AtomicWaker;
