@@ -4,8 +4,8 @@
 //! turns them into node calls, and it writes the socket's replies (queued in its [`Outbox`]) and
 //! its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every frame,
 //! already encoded, goes straight to the connection in vectored writes; a busy socket first lets
-//! `--write-linger` pass since its last write, so one write carries more. Reading, control
-//! frames and the close handshake are tungstenite's.
+//! `--write-linger` pass since its last write (see [`linger`]), so one write carries more.
+//! Reading, control frames and the close handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
 //! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
@@ -15,6 +15,7 @@
 //! panics and cancellation included.
 
 pub mod frame;
+pub mod linger;
 pub mod outbox;
 pub mod roster;
 pub mod session;
@@ -32,6 +33,7 @@ use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
+use linger::Linger;
 use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
@@ -115,6 +117,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         ws,
         read_wake: Arc::new(ReadWake { woken: AtomicBool::new(true), task: AtomicWaker::new() }),
         rx,
+        linger: Linger::new(node.config().write_linger),
         node,
         outbox,
         switch,
@@ -127,8 +130,6 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         cut: Cut::default(),
         control_owed: false,
         lingering: false,
-        last_flush: None,
-        busy: false,
     };
     let exit = socket.serve().await;
     let label = match &exit {
@@ -167,11 +168,8 @@ struct Socket {
     control_owed: bool,
     /// Frames are queued and wait for the write linger to pass (see [`Socket::linger_until`]).
     lingering: bool,
-    /// When the last batch of channel messages was flushed (drives the write linger).
-    last_flush: Option<Instant>,
-    /// The last write of channel messages carried several, or came less than a linger after the
-    /// one before: lingering before the next write is worth its latency.
-    busy: bool,
+    /// When the socket writes its channels' messages.
+    linger: Linger,
 }
 
 impl Socket {
@@ -267,18 +265,15 @@ impl Socket {
         }
     }
 
-    /// When a busy socket should write what is queued: its previous flush was less than
-    /// `--write-linger` ago, so waiting until that linger has passed lets one write carry
-    /// everything that arrives meanwhile. `None`: write now (the socket receives rarely, its last
-    /// write was a lone frame after a quiet spell, so a second message right behind the first is
-    /// not held back, or the queue is already half full). While it lingers the loop keeps
-    /// reading, answering and heartbeating; only the queue waits.
+    /// When the socket should write what is queued: once the linger has passed, if it is busy
+    /// (see [`linger`]), so that one write carries everything that arrives meanwhile. `None`:
+    /// write now (the socket receives rarely, or the queue is already half full). While it
+    /// lingers the loop keeps reading, answering and heartbeating; only the queue waits.
     fn linger_until(&self) -> Option<Instant> {
-        if !self.busy {
+        if self.rx.is_half_full() {
             return None;
         }
-        let flush_at = self.last_flush? + self.node.config().write_linger;
-        (Instant::now() < flush_at && !self.rx.is_half_full()).then_some(flush_at)
+        self.linger.until(Instant::now())
     }
 
     /// Starts lingering (sets `timer` to the linger's end) if the socket should; returns
@@ -324,13 +319,7 @@ impl Socket {
             reason = switch.closed(), if abortable => return Err(Exit::Close(reason)),
             wrote = write => wrote,
         };
-        // The linger is about a channel's stream: a write of replies alone leaves it as it was.
-        if messages > 0 {
-            let now = Instant::now();
-            let linger = self.node.config().write_linger;
-            self.busy = messages > 1 || self.last_flush.is_some_and(|last| now < last + linger);
-            self.last_flush = Some(now);
-        }
+        self.linger.wrote(messages, Instant::now());
         if self.batch.capacity() > KEPT_BATCH_CAPACITY {
             self.batch.shrink_to(KEPT_BATCH_CAPACITY);
         }
