@@ -6,6 +6,7 @@
 
 mod support;
 
+use futures_util::SinkExt;
 use gateway_client::{Client, Subscription};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -15,6 +16,7 @@ use support::http::HttpResponse;
 use support::{Gateway, RawSocket, fresh_channel, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream};
+use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 
 /// The HS256 secret of the nodes under test.
@@ -765,6 +767,55 @@ async fn sustained_publish_abuse_closes_the_socket_with_1008() {
     assert_eq!(raw.recv_close().await, Some((1008, "rate limited".to_owned())));
     node.wait_metric(&disconnects("rate_limited"), 1.0).await;
     assert_eq!(node.metric(&limit_hits("publish_rate")).await, 4.0);
+    bystander.assert_unaffected().await;
+}
+
+#[tokio::test]
+async fn commands_other_than_publish_have_a_rate_limit_of_their_own() {
+    let node =
+        Gateway::start("cmd-rate", &["--command-rate", "1", "--command-burst", "4", "--rate-limit-strikes", "1000"]);
+    let mut bystander = Bystander::join(&node, None, None).await;
+    let mut raw = RawSocket::connect(&node.ws_url()).await;
+    let channel = fresh_channel("cmd-rate");
+    // Sent in one go, so the bucket (one token a second) has no time to refill: a malformed
+    // frame counts like a command, and the fifth frame is refused.
+    raw.send_json(json!({"type": "ping", "id": 1})).await;
+    raw.send_json(json!({"type": "nonsense", "id": 2})).await;
+    raw.send_json(json!({"type": "subscribe", "channel": channel, "id": 3})).await;
+    raw.send_json(json!({"type": "unsubscribe", "channel": channel, "id": 4})).await;
+    raw.send_json(json!({"type": "subscribe", "channel": channel, "id": 5})).await;
+    assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 1}));
+    assert_eq!((raw.recv_json().await["code"]), json!("bad_request"));
+    assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 3}));
+    assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 4}));
+    let refused = raw.recv_json().await;
+    assert_eq!(
+        (&refused["type"], &refused["code"], &refused["id"]),
+        (&json!("error"), &json!("rate_limited"), &json!(5)),
+        "{refused}"
+    );
+    // Publishes have their own budget, and the socket keeps serving.
+    let reply = raw.command(json!({"type": "publish", "channel": channel, "data": 6}), 6).await;
+    assert_eq!(reply, json!({"type": "ok", "id": 6}));
+    assert_eq!(node.metric(&limit_hits("command_rate")).await, 1.0);
+    assert_eq!(node.metric(&limit_hits("publish_rate")).await, 0.0);
+    bystander.assert_unaffected().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_websocket_pings_closes_the_socket_with_1008() {
+    let node =
+        Gateway::start("ping-flood", &["--command-rate", "1", "--command-burst", "2", "--rate-limit-strikes", "3"]);
+    let mut bystander = Bystander::join(&node, None, None).await;
+    let mut raw = RawSocket::connect(&node.ws_url()).await;
+    for _ in 0..20 {
+        raw.inner().send(Message::Ping(b"flood".to_vec().into())).await.expect("send ping");
+    }
+    // Two pings fit the burst; three refusals in a row are tolerated (their pongs are the
+    // WebSocket layer's), the fourth closes.
+    assert_eq!(raw.recv_close().await, Some((1008, "rate limited".to_owned())));
+    node.wait_metric(&disconnects("rate_limited"), 1.0).await;
+    assert_eq!(node.metric(&limit_hits("command_rate")).await, 4.0);
     bystander.assert_unaffected().await;
 }
 

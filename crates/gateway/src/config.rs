@@ -143,7 +143,19 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PUBLISH_BURST", default_value_t = 5000)]
     pub publish_burst: u32,
 
-    /// Rate-limited publishes in a row after which the socket is closed with 1008.
+    /// Sustained commands other than `publish` per second allowed to one socket: `subscribe`,
+    /// `unsubscribe`, `ping`, `refresh`, frames refused as malformed and WebSocket pings (token
+    /// bucket refill rate).
+    #[arg(long, env = "GATEWAY_COMMAND_RATE", default_value_t = 200)]
+    pub command_rate: u32,
+
+    /// Commands other than `publish` one socket may send in a burst above the sustained rate
+    /// (bucket size; the default lets a client subscribe to `--max-subscriptions` channels at once).
+    #[arg(long, env = "GATEWAY_COMMAND_BURST", default_value_t = 2048)]
+    pub command_burst: u32,
+
+    /// Rate-limited publishes (or, counted apart, commands) in a row after which the socket is
+    /// closed with 1008.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_STRIKES", default_value_t = 100)]
     pub rate_limit_strikes: u32,
 
@@ -220,6 +232,9 @@ impl Config {
         }
         if self.publish_rate == 0 || self.publish_burst == 0 {
             return bad("--publish-rate and --publish-burst must be at least 1");
+        }
+        if self.command_rate == 0 || self.command_burst == 0 {
+            return bad("--command-rate and --command-burst must be at least 1");
         }
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             return bad("give either --jwt-secret or --jwt-public-key, not both");

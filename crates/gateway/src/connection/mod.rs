@@ -367,14 +367,18 @@ impl Socket {
             }
             Message::Binary(_) => {
                 self.node.metrics().frames_received.inc();
+                if let Err(exit) = self.charge_command(None, true) {
+                    return exit;
+                }
                 self.reply_error(None, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames");
                 None
             }
-            // Pings are answered by the WebSocket layer (its pong may wait in its buffer); any
+            // Pings are answered by the WebSocket layer (its pong may wait in its buffer), so one
+            // over the budget gets no `error` of ours, but it counts towards sustained abuse. Any
             // frame counts as a sign of life.
             Message::Ping(_) => {
                 self.control_owed = true;
-                None
+                self.charge_command(None, false).err().flatten()
             }
             Message::Pong(_) | Message::Frame(_) => None,
             // The WebSocket layer has queued its answer; no frame of ours may follow it.
@@ -386,10 +390,18 @@ impl Socket {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
+                if let Err(exit) = self.charge_command(e.id.as_ref(), true) {
+                    return exit;
+                }
                 self.reply_error(e.id.as_ref(), e.code, &e.message);
                 return None;
             }
         };
+        if !matches!(frame, ClientFrame::Publish { .. })
+            && let Err(exit) = self.charge_command(frame.id(), true)
+        {
+            return exit;
+        }
         match frame {
             ClientFrame::Ping { id } => {
                 if let Some(id) = id {
@@ -432,6 +444,21 @@ impl Socket {
             },
         }
         None
+    }
+
+    /// Charges one command other than a publish to the socket's budget. `Err` when it is
+    /// refused, holding what the frame's handler returns: the socket's exit for sustained abuse,
+    /// else `None`, an `error` `rate_limited` for `id` having been queued (if `answer`).
+    fn charge_command(&mut self, id: Option<&FrameId>, answer: bool) -> Result<(), Option<Exit>> {
+        let Err(abuse) = self.session.take_command_token() else { return Ok(()) };
+        self.node.metrics().limit_hits.with_label_values(&["command_rate"]).inc();
+        if abuse {
+            return Err(Some(Exit::Close(CloseCode::PolicyAbuse)));
+        }
+        if answer {
+            self.reply_error(id, ErrorCode::RateLimited, "command rate limit exceeded; slow down");
+        }
+        Err(None)
     }
 
     fn on_subscribe(&mut self, id: Option<FrameId>, channel: ChannelName) {

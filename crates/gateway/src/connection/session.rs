@@ -1,4 +1,5 @@
-//! What a socket is allowed to do: its token's claims, its expiry and its publish budget.
+//! What a socket is allowed to do: its token's claims, its expiry, and its budgets of publishes
+//! and of other commands.
 
 use crate::auth::Claims;
 use crate::limits::{ConnectionSlot, TokenBucket};
@@ -12,7 +13,8 @@ use tokio::time::{Instant, Sleep};
 pub struct Session {
     claims: Option<Claims>,
     expires_at: Option<Instant>,
-    bucket: TokenBucket,
+    publishes: TokenBucket,
+    commands: TokenBucket,
     _slot: Option<ConnectionSlot>,
 }
 
@@ -29,7 +31,8 @@ impl Session {
         Self {
             claims,
             expires_at,
-            bucket: TokenBucket::new(config.publish_rate, config.publish_burst, config.rate_limit_strikes),
+            publishes: TokenBucket::new(config.publish_rate, config.publish_burst, config.rate_limit_strikes),
+            commands: TokenBucket::new(config.command_rate, config.command_burst, config.rate_limit_strikes),
             _slot: slot,
         }
     }
@@ -66,7 +69,12 @@ impl Session {
 
     /// Takes one publish from the budget; `Err(true)` means sustained abuse.
     pub fn take_publish_token(&mut self) -> Result<(), bool> {
-        self.bucket.take()
+        self.publishes.take()
+    }
+
+    /// Takes one command other than a publish from its budget; `Err(true)` means sustained abuse.
+    pub fn take_command_token(&mut self) -> Result<(), bool> {
+        self.commands.take()
     }
 
     /// Replaces the token with a fresh one for the same subject; its grants apply from now on.
