@@ -23,7 +23,7 @@
 //! ([`connection::frame::Frame`]) and passes it to [`hub::Hub::deliver`], which appends it once
 //! to the channel's [`hub::feed::Feed`] without waiting (a subscriber that falls a queue behind
 //! is closed as a slow consumer). Each socket's task, when its linger ends, writes the feed's
-//! frames from its own position, shared bytes in vectored writes. With the in-memory backplane,
+//! frames from its own position, many frames per write. With the in-memory backplane,
 //! publish frames and calls `deliver` directly.
 
 pub mod auth;

@@ -3,7 +3,8 @@
 //! A server's frames are not masked (RFC 6455 §5.1), so the bytes of a text frame, header
 //! included, are the same for every subscriber: a node frames each message once, when it arrives
 //! (or is published locally), and a socket's task writes the shared bytes straight to its
-//! connection, several frames per vectored write. Nothing is framed or copied per subscriber.
+//! connection, several frames per write. Nothing is framed per subscriber, and nothing is
+//! copied but into the one buffer where a write joins its small frames.
 
 use bytes::Bytes;
 use std::io::Cursor;

@@ -3,7 +3,7 @@
 //! A single `select!` loop plays both pumps of the classic design: it reads client frames and
 //! turns them into node calls, and it writes the socket's replies (queued in its [`Outbox`]) and
 //! its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every frame,
-//! already encoded, goes straight to the connection in vectored writes; a busy socket first lets
+//! already encoded, goes straight to the connection, many per write; a busy socket first lets
 //! `--write-linger` pass since its last write (see [`linger`]), so one write carries more.
 //! Reading, control frames and the close handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
@@ -35,6 +35,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use linger::Linger;
 use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::io::{self, IoSlice};
@@ -53,8 +54,11 @@ use tungstenite::{Message, Utf8Bytes};
 const KEPT_BATCH_CAPACITY: usize = 64;
 /// Most publishes of one socket waiting for the backplane; beyond it the socket is not read.
 const MAX_IN_FLIGHT: usize = 256;
-/// Most frames one vectored write carries.
+/// Most frames one write carries.
 const MAX_SLICES: usize = 64;
+/// Frames that add up to at most this many bytes are copied into one buffer for their write
+/// (see [`write_gathered`]); larger ones are written in place.
+const MAX_JOINED_BYTES: usize = 16 * 1024;
 
 /// Keeps a socket's hub entries, roster entry and gauges right: dropping it (on any exit)
 /// removes the socket from every channel it had and from the roster.
@@ -287,7 +291,7 @@ impl Socket {
         true
     }
 
-    /// Writes everything queued, in as few vectored writes as the batch allows. With
+    /// Writes everything queued, in as few writes as the batch allows. With
     /// `abortable`, a close asked meanwhile (the queue overflowed while the peer stalled the
     /// write) ends the write at once; the batch keeps what was not written.
     async fn write_batch(&mut self, abortable: bool) -> Result<(), Exit> {
@@ -575,7 +579,7 @@ struct Cut {
     reader: Option<usize>,
 }
 
-/// Writes up to `limit` frames to `io` in vectored writes: the replies in `batch`, then the
+/// Writes up to `limit` frames to `io`, up to 64 per write: the replies in `batch`, then the
 /// marked messages of each reader, each taken off (or passed) once it is fully written. `cut`
 /// says how much of the first frame is already out and is kept up to date, so a write that is
 /// cut short can be resumed.
@@ -616,7 +620,7 @@ async fn write_frames(
             *slot = IoSlice::new(frame.wire());
             count += 1;
         }
-        let mut n = io.write_vectored(&slices[..count]).await?;
+        let mut n = write_gathered(io, &slices[..count]).await?;
         if n == 0 {
             return Err(io::ErrorKind::WriteZero.into());
         }
@@ -637,6 +641,34 @@ async fn write_frames(
         }
     }
     Ok(())
+}
+
+thread_local! {
+    /// Where a write's small frames are joined (see [`write_gathered`]): one buffer per worker
+    /// thread, used within a single poll, so no socket holds or allocates one.
+    static JOINED: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Writes `slices` in one write: small frames are first copied into one buffer, larger ones go
+/// as they are in a vectored write. The kernel's cost per write grows with the number of pieces
+/// (each is copied apart, with checks of its own), so a run of 150-byte messages is cheaper
+/// joined in user space (docs/architecture.md has the figures). The join is redone on each poll
+/// (a write that is not ready took nothing), so the buffer is never held across a wait.
+async fn write_gathered(io: &mut (impl AsyncWrite + Unpin), slices: &[IoSlice<'_>]) -> io::Result<usize> {
+    let total: usize = slices.iter().map(|slice| slice.len()).sum();
+    if slices.len() == 1 || total > MAX_JOINED_BYTES {
+        return io.write_vectored(slices).await;
+    }
+    std::future::poll_fn(|cx| {
+        JOINED.with_borrow_mut(|joined| {
+            joined.clear();
+            for slice in slices {
+                joined.extend_from_slice(slice);
+            }
+            Pin::new(&mut *io).poll_write(cx, joined)
+        })
+    })
+    .await
 }
 
 /// Takes the `n` bytes a write put out off `frames`, in order, the first from `written` on:
@@ -814,6 +846,23 @@ mod tests {
             wire = &wire[end..];
         }
         texts
+    }
+
+    #[test]
+    fn frames_too_large_to_join_are_written_in_place_whole_and_in_order() {
+        let feed = Arc::new(Feed::new());
+        let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
+        let large = |n: usize| format!("{n}{}", "x".repeat(MAX_JOINED_BYTES / 2));
+        for n in 0..3 {
+            feed.append(&Frame::text(&large(n)));
+        }
+        let mut batch = VecDeque::from([Frame::text("reply")]);
+        readers[0].1.mark();
+        let mut io = Throttled { wire: Vec::new(), per_write: 5000, budget: usize::MAX };
+        let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut Cut::default(), usize::MAX).now_or_never();
+        assert!(matches!(wrote, Some(Ok(()))));
+        assert_eq!(texts(&io.wire), ["reply".to_owned(), large(0), large(1), large(2)]);
+        assert!(!readers[0].1.has_unread() && batch.is_empty());
     }
 
     #[test]
