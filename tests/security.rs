@@ -785,7 +785,7 @@ async fn commands_other_than_publish_have_a_rate_limit_of_their_own() {
     raw.send_json(json!({"type": "unsubscribe", "channel": channel, "id": 4})).await;
     raw.send_json(json!({"type": "subscribe", "channel": channel, "id": 5})).await;
     assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 1}));
-    assert_eq!((raw.recv_json().await["code"]), json!("bad_request"));
+    assert_eq!(raw.recv_json().await["code"], json!("bad_request"));
     assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 3}));
     assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 4}));
     let refused = raw.recv_json().await;

@@ -20,7 +20,7 @@ pub mod outbox;
 pub mod roster;
 pub mod session;
 
-pub use session::Session;
+pub use session::{Budget, Session};
 
 /// An upgraded WebSocket connection, as a socket's task owns it.
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
@@ -371,7 +371,7 @@ impl Socket {
             }
             Message::Binary(_) => {
                 self.node.metrics().frames_received.inc();
-                if let Err(exit) = self.charge_command(None, true) {
+                if let Err(exit) = self.charge(Budget::Commands, None, true) {
                     return exit;
                 }
                 self.reply_error(None, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames");
@@ -382,7 +382,7 @@ impl Socket {
             // frame counts as a sign of life.
             Message::Ping(_) => {
                 self.control_owed = true;
-                self.charge_command(None, false).err().flatten()
+                self.charge(Budget::Commands, None, false).err().flatten()
             }
             Message::Pong(_) | Message::Frame(_) => None,
             // The WebSocket layer has queued its answer; no frame of ours may follow it.
@@ -394,7 +394,7 @@ impl Socket {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
-                if let Err(exit) = self.charge_command(e.id.as_ref(), true) {
+                if let Err(exit) = self.charge(Budget::Commands, e.id.as_ref(), true) {
                     return exit;
                 }
                 self.reply_error(e.id.as_ref(), e.code, &e.message);
@@ -402,7 +402,7 @@ impl Socket {
             }
         };
         if !matches!(frame, ClientFrame::Publish { .. })
-            && let Err(exit) = self.charge_command(frame.id(), true)
+            && let Err(exit) = self.charge(Budget::Commands, frame.id(), true)
         {
             return exit;
         }
@@ -431,13 +431,8 @@ impl Socket {
                     self.reply_error(id.as_ref(), code, why);
                     return None;
                 }
-                if let Err(strikes_out) = self.session.take_publish_token() {
-                    self.node.metrics().limit_hits.with_label_values(&["publish_rate"]).inc();
-                    if strikes_out {
-                        return Some(Exit::Close(CloseCode::PolicyAbuse));
-                    }
-                    self.reply_error(id.as_ref(), ErrorCode::RateLimited, "publish rate limit exceeded; slow down");
-                    return None;
+                if let Err(exit) = self.charge(Budget::Publishes, id.as_ref(), true) {
+                    return exit;
                 }
                 let published = self.node.publish(&channel, data, Source::Socket);
                 self.publishes.push_back((id, published));
@@ -450,17 +445,17 @@ impl Socket {
         None
     }
 
-    /// Charges one command other than a publish to the socket's budget. `Err` when it is
-    /// refused, holding what the frame's handler returns: the socket's exit for sustained abuse,
-    /// else `None`, an `error` `rate_limited` for `id` having been queued (if `answer`).
-    fn charge_command(&mut self, id: Option<&FrameId>, answer: bool) -> Result<(), Option<Exit>> {
-        let Err(abuse) = self.session.take_command_token() else { return Ok(()) };
-        self.node.metrics().limit_hits.with_label_values(&["command_rate"]).inc();
+    /// Charges one frame to one of the socket's budgets. `Err` when it is refused, holding what
+    /// the frame's handler returns: the socket's exit for sustained abuse, else `None`, an
+    /// `error` `rate_limited` for `id` having been queued (if `answer`).
+    fn charge(&mut self, budget: Budget, id: Option<&FrameId>, answer: bool) -> Result<(), Option<Exit>> {
+        let Err(abuse) = self.session.take_token(budget) else { return Ok(()) };
+        self.node.metrics().limit_hits.with_label_values(&[budget.label()]).inc();
         if abuse {
             return Err(Some(Exit::Close(CloseCode::PolicyAbuse)));
         }
         if answer {
-            self.reply_error(id, ErrorCode::RateLimited, "command rate limit exceeded; slow down");
+            self.reply_error(id, ErrorCode::RateLimited, budget.refusal());
         }
         Err(None)
     }

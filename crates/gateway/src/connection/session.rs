@@ -18,6 +18,34 @@ pub struct Session {
     _slot: Option<ConnectionSlot>,
 }
 
+/// A socket's rate budgets, each a token bucket of its own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Budget {
+    /// `publish` commands (`--publish-rate`, `--publish-burst`).
+    Publishes,
+    /// Every other frame a client sends: commands, malformed frames, WebSocket pings
+    /// (`--command-rate`, `--command-burst`).
+    Commands,
+}
+
+impl Budget {
+    /// The label of its refusals in `gateway_limit_hits_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Self::Publishes => "publish_rate",
+            Self::Commands => "command_rate",
+        }
+    }
+
+    /// The message of its `rate_limited` refusals.
+    pub fn refusal(self) -> &'static str {
+        match self {
+            Self::Publishes => "publish rate limit exceeded; slow down",
+            Self::Commands => "command rate limit exceeded; slow down",
+        }
+    }
+}
+
 /// A refusal: the error code and a message for the client.
 pub type Refusal = (ErrorCode, &'static str);
 
@@ -67,14 +95,12 @@ impl Session {
         }
     }
 
-    /// Takes one publish from the budget; `Err(true)` means sustained abuse.
-    pub fn take_publish_token(&mut self) -> Result<(), bool> {
-        self.publishes.take()
-    }
-
-    /// Takes one command other than a publish from its budget; `Err(true)` means sustained abuse.
-    pub fn take_command_token(&mut self) -> Result<(), bool> {
-        self.commands.take()
+    /// Takes one frame from `budget`; `Err(true)` means sustained abuse.
+    pub fn take_token(&mut self, budget: Budget) -> Result<(), bool> {
+        match budget {
+            Budget::Publishes => self.publishes.take(),
+            Budget::Commands => self.commands.take(),
+        }
     }
 
     /// Replaces the token with a fresh one for the same subject; its grants apply from now on.
