@@ -6,7 +6,7 @@
 
 mod support;
 
-use futures_util::SinkExt;
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use gateway_client::{Client, Subscription};
 use jsonwebtoken::{Algorithm, EncodingKey, Header, encode};
 use serde_json::{Value, json};
@@ -772,18 +772,24 @@ async fn sustained_publish_abuse_closes_the_socket_with_1008() {
 
 #[tokio::test]
 async fn commands_other_than_publish_have_a_rate_limit_of_their_own() {
-    let node =
-        Gateway::start("cmd-rate", &["--command-rate", "1", "--command-burst", "4", "--rate-limit-strikes", "1000"]);
+    let node = Gateway::start(
+        "cmd-rate",
+        &["--command-rate", "1", "--command-burst", "4", "--max-subscriptions", "4", "--rate-limit-strikes", "1000"],
+    );
     let mut bystander = Bystander::join(&node, None, None).await;
     let mut raw = RawSocket::connect(&node.ws_url()).await;
     let channel = fresh_channel("cmd-rate");
-    // Sent in one go, so the bucket (one token a second) has no time to refill: a malformed
-    // frame counts like a command, and the fifth frame is refused.
+    // Sent in one go, so the bucket (one token a second) has no time to refill. A ping and a
+    // malformed frame take a token like a subscribe; the fifth frame is refused.
     raw.send_json(json!({"type": "ping", "id": 1})).await;
     raw.send_json(json!({"type": "nonsense", "id": 2})).await;
     raw.send_json(json!({"type": "subscribe", "channel": channel, "id": 3})).await;
     raw.send_json(json!({"type": "unsubscribe", "channel": channel, "id": 4})).await;
     raw.send_json(json!({"type": "subscribe", "channel": channel, "id": 5})).await;
+    // Over the budget, a ping and a binary frame still get their usual answers (refusing them
+    // would cost as much); they only count towards sustained abuse.
+    raw.send_json(json!({"type": "ping", "id": 6})).await;
+    raw.send_binary(b"binary".to_vec()).await;
     assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 1}));
     assert_eq!(raw.recv_json().await["code"], json!("bad_request"));
     assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 3}));
@@ -794,28 +800,71 @@ async fn commands_other_than_publish_have_a_rate_limit_of_their_own() {
         (&json!("error"), &json!("rate_limited"), &json!(5)),
         "{refused}"
     );
+    assert_eq!(raw.recv_json().await, json!({"type": "pong", "id": 6}));
+    assert_eq!(raw.recv_json().await["code"], json!("bad_request"));
     // Publishes have their own budget, and the socket keeps serving.
-    let reply = raw.command(json!({"type": "publish", "channel": channel, "data": 6}), 6).await;
-    assert_eq!(reply, json!({"type": "ok", "id": 6}));
-    assert_eq!(node.metric(&limit_hits("command_rate")).await, 1.0);
+    let reply = raw.command(json!({"type": "publish", "channel": channel, "data": 7}), 7).await;
+    assert_eq!(reply, json!({"type": "ok", "id": 7}));
+    assert_eq!(node.metric(&limit_hits("command_rate")).await, 3.0);
     assert_eq!(node.metric(&limit_hits("publish_rate")).await, 0.0);
     bystander.assert_unaffected().await;
 }
 
 #[tokio::test]
-async fn a_flood_of_websocket_pings_closes_the_socket_with_1008() {
-    let node =
-        Gateway::start("ping-flood", &["--command-rate", "1", "--command-burst", "2", "--rate-limit-strikes", "3"]);
+async fn websocket_pings_paced_above_the_budget_close_the_socket_with_1008() {
+    // 100 a second allowed; pings every 2 ms (five times that). A token comes back every 10 ms,
+    // so refusals are never many in a row: what closes the socket is the debt they run up.
+    let node = Gateway::start(
+        "ping-flood",
+        &["--command-rate", "100", "--command-burst", "10", "--max-subscriptions", "10", "--rate-limit-strikes", "20"],
+    );
     let mut bystander = Bystander::join(&node, None, None).await;
     let mut raw = RawSocket::connect(&node.ws_url()).await;
-    for _ in 0..20 {
-        raw.inner().send(Message::Ping(b"flood".to_vec().into())).await.expect("send ping");
-    }
-    // Two pings fit the burst; three refusals in a row are tolerated (their pongs are the
-    // WebSocket layer's), the fourth closes.
-    assert_eq!(raw.recv_close().await, Some((1008, "rate limited".to_owned())));
+    let mut pace = tokio::time::interval(Duration::from_millis(2));
+    let closed = within("the ping flood to be closed", async {
+        loop {
+            pace.tick().await;
+            raw.inner().send(Message::Ping(b"flood".to_vec().into())).await.expect("send ping");
+            // Take what has arrived: pongs, and at last the close. Over the budget a WebSocket
+            // ping gets no `error` of ours.
+            while let Some(frame) = raw.inner().next().now_or_never() {
+                match frame {
+                    Some(Ok(Message::Close(close))) => return close,
+                    Some(Ok(Message::Text(text))) => panic!("no text frame expected, got {text}"),
+                    Some(Ok(_)) => {}
+                    other => panic!("the socket ended without a close frame: {other:?}"),
+                }
+            }
+        }
+    })
+    .await;
+    let close = closed.expect("a close frame with a code");
+    assert_eq!((u16::from(close.code), close.reason.as_str()), (1008, "rate limited"));
     node.wait_metric(&disconnects("rate_limited"), 1.0).await;
-    assert_eq!(node.metric(&limit_hits("command_rate")).await, 4.0);
+    bystander.assert_unaffected().await;
+}
+
+#[tokio::test]
+async fn forbidden_publishes_are_charged_to_the_publish_budget() {
+    let node =
+        auth_node("forbidden-flood", &["--publish-rate", "1", "--publish-burst", "2", "--rate-limit-strikes", "3"]);
+    let mut bystander = Bystander::join(&node, Some(&hs256(&claims("alice", 60))), None).await;
+    let secret = fresh_channel("forbidden-flood");
+    let mut grants = claims("mallory", 60);
+    grants["channels"] = json!({"subscribe": [], "publish": []});
+    let mut raw = raw_with_token(&node, &hs256(&grants)).await;
+    for id in 1..=20 {
+        raw.send_json(json!({"type": "publish", "channel": secret, "data": id, "id": id})).await;
+    }
+    // Two fit the burst and are answered `forbidden`; three refusals are answered; the next closes.
+    for id in 1..=2 {
+        assert_eq!(raw.recv_json().await["code"], json!("forbidden"), "publish {id}");
+    }
+    for id in 3..=5 {
+        let reply = raw.recv_json().await;
+        assert_eq!((&reply["code"], &reply["id"]), (&json!("rate_limited"), &json!(id)), "{reply}");
+    }
+    assert_eq!(raw.recv_close().await, Some((1008, "rate limited".to_owned())));
     bystander.assert_unaffected().await;
 }
 

@@ -143,19 +143,22 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_PUBLISH_BURST", default_value_t = 5000)]
     pub publish_burst: u32,
 
-    /// Sustained commands other than `publish` per second allowed to one socket: `subscribe`,
-    /// `unsubscribe`, `ping`, `refresh`, frames refused as malformed and WebSocket pings (token
-    /// bucket refill rate).
+    /// Sustained frames other than `publish` per second allowed to one socket (token bucket
+    /// refill rate). `subscribe`, `unsubscribe` and `refresh` beyond it are refused with
+    /// `rate_limited`; `ping`, malformed or binary frames and WebSocket pings are still answered
+    /// but count towards `--rate-limit-strikes`.
     #[arg(long, env = "GATEWAY_COMMAND_RATE", default_value_t = 200)]
     pub command_rate: u32,
 
-    /// Commands other than `publish` one socket may send in a burst above the sustained rate
-    /// (bucket size; the default lets a client subscribe to `--max-subscriptions` channels at once).
+    /// Frames other than `publish` one socket may send in a burst above the sustained rate
+    /// (bucket size). At least `--max-subscriptions`, so a client may subscribe to all its
+    /// channels at once.
     #[arg(long, env = "GATEWAY_COMMAND_BURST", default_value_t = 2048)]
     pub command_burst: u32,
 
-    /// Rate-limited publishes (or, counted apart, commands) in a row after which the socket is
-    /// closed with 1008.
+    /// Sustained abuse: a socket that goes on sending while refused runs up a debt (each refused
+    /// frame counts, the refill pays it back); a debt of more than this many publishes, or,
+    /// counted apart, other frames, closes it with 1008.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_STRIKES", default_value_t = 100)]
     pub rate_limit_strikes: u32,
 
@@ -236,6 +239,12 @@ impl Config {
         if self.command_rate == 0 || self.command_burst == 0 {
             return bad("--command-rate and --command-burst must be at least 1");
         }
+        if (self.command_burst as usize) < self.max_subscriptions {
+            return Err(ConfigError(format!(
+                "--command-burst ({}) must be at least --max-subscriptions ({}), so that a client may subscribe to all its channels at once",
+                self.command_burst, self.max_subscriptions
+            )));
+        }
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             return bad("give either --jwt-secret or --jwt-public-key, not both");
         }
@@ -282,6 +291,14 @@ mod tests {
     fn rejects_contradictions() {
         let c = Config::from_args(["--queue-size", "0"]).expect("parses");
         assert!(c.validate().is_err());
+        let c = Config::from_args(["--max-subscriptions", "5000"]).expect("parses");
+        let why = c.validate().expect_err("the default command burst cannot cover 5000 subscribes");
+        assert!(
+            why.to_string().contains("--command-burst (2048) must be at least --max-subscriptions (5000)"),
+            "{why}"
+        );
+        let c = Config::from_args(["--max-subscriptions", "5000", "--command-burst", "5000"]).expect("parses");
+        c.validate().expect("a burst that covers them is fine");
         let c = Config::from_args(["--trusted-proxies", "10.0.0.0/8,127.0.0.1"]).expect("parses");
         assert!(c.is_trusted_proxy("10.1.2.3".parse().expect("ip")));
     }

@@ -11,7 +11,7 @@
 //! - [`http`]: the router (`/ws`, `/api/publish`, `/metrics`, `/healthz`, `/readyz`) and the
 //!   accept loop with its graceful drain.
 //! - [`auth`]: JWT verification and channel grants; [`limits`]: connection caps, client IP,
-//!   publish token bucket.
+//!   the token bucket behind each socket's rate budgets.
 //! - [`metrics`]: the Prometheus metrics.
 //!
 //! # The life of one published message

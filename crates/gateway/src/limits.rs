@@ -120,45 +120,41 @@ pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
     client
 }
 
-/// A token bucket: `rate` tokens per second, up to `burst`, plus a count of refusals in a row.
+/// A token bucket: `rate` tokens per second, up to `burst`. A refused frame still costs a
+/// token: the bucket goes into debt, which the refill pays back, so a client that keeps sending
+/// faster than `rate` while refused runs its debt up, however its frames are spaced, and a debt
+/// of more than `max_debt` frames is sustained abuse.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
     burst: f64,
     tokens: f64,
     last: tokio::time::Instant,
-    strikes: u32,
-    max_strikes: u32,
+    max_debt: f64,
 }
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate: u32, burst: u32, max_strikes: u32) -> Self {
+    pub fn new(rate: u32, burst: u32, max_debt: u32) -> Self {
         Self {
             rate: f64::from(rate),
             burst: f64::from(burst),
             tokens: f64::from(burst),
             last: tokio::time::Instant::now(),
-            strikes: 0,
-            max_strikes,
+            max_debt: f64::from(max_debt),
         }
     }
 
-    /// Takes a token. `Err(true)` when refusals in a row exceed the strike limit (sustained
-    /// abuse), `Err(false)` for a plain refusal.
+    /// Takes a token. `Err(false)` for a refusal, `Err(true)` once the refusals not yet paid
+    /// back by the refill exceed `max_debt` (sustained abuse).
     pub fn take(&mut self) -> Result<(), bool> {
         let now = tokio::time::Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
         self.tokens = (self.tokens + refill).min(self.burst);
         self.last = now;
-        if self.tokens >= 1.0 {
-            self.tokens -= 1.0;
-            self.strikes = 0;
-            Ok(())
-        } else {
-            self.strikes += 1;
-            Err(self.strikes > self.max_strikes)
-        }
+        let granted = self.tokens >= 1.0;
+        self.tokens -= 1.0;
+        if granted { Ok(()) } else { Err(self.tokens < -self.max_debt) }
     }
 }
 
@@ -218,7 +214,34 @@ mod tests {
         assert_eq!(bucket.take(), Err(false));
         assert_eq!(bucket.take(), Err(false));
         assert_eq!(bucket.take(), Err(true));
-        tokio::time::advance(std::time::Duration::from_millis(100)).await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn refusals_run_up_a_debt_that_the_refill_pays_back() {
+        let mut bucket = TokenBucket::new(100, 1, 10);
+        assert!(bucket.take().is_ok());
+        // Three frames per token, spaced by the refill: a token comes back between every few
+        // refusals, yet the debt grows by two a round until it passes ten.
+        let mut rounds = 0;
+        let abused = loop {
+            rounds += 1;
+            tokio::time::advance(std::time::Duration::from_millis(10)).await;
+            let takes = [bucket.take(), bucket.take(), bucket.take()];
+            if takes.contains(&Err(true)) {
+                break true;
+            }
+            if rounds == 100 {
+                break false;
+            }
+        };
+        assert!(abused && rounds <= 6, "closed after {rounds} rounds");
+        // A client that stops while in debt is served again once the refill has paid it back.
+        let mut bucket = TokenBucket::new(10, 1, 3);
+        assert!(bucket.take().is_ok());
+        assert_eq!((bucket.take(), bucket.take()), (Err(false), Err(false)));
+        tokio::time::advance(std::time::Duration::from_millis(250)).await;
+        assert_eq!(bucket.take(), Err(false), "the debt of two is not yet paid");
+        tokio::time::advance(std::time::Duration::from_millis(200)).await;
         assert_eq!(bucket.take(), Ok(()));
     }
 }

@@ -371,18 +371,17 @@ impl Socket {
             }
             Message::Binary(_) => {
                 self.node.metrics().frames_received.inc();
-                if let Err(exit) = self.charge(Budget::Commands, None, true) {
-                    return exit;
+                if let Some(exit) = self.count_command() {
+                    return Some(exit);
                 }
                 self.reply_error(None, ErrorCode::BadRequest, "binary frames are not supported: send JSON text frames");
                 None
             }
-            // Pings are answered by the WebSocket layer (its pong may wait in its buffer), so one
-            // over the budget gets no `error` of ours, but it counts towards sustained abuse. Any
+            // Pings are answered by the WebSocket layer (its pong may wait in its buffer). Any
             // frame counts as a sign of life.
             Message::Ping(_) => {
                 self.control_owed = true;
-                self.charge(Budget::Commands, None, false).err().flatten()
+                self.count_command()
             }
             Message::Pong(_) | Message::Frame(_) => None,
             // The WebSocket layer has queued its answer; no frame of ours may follow it.
@@ -394,16 +393,21 @@ impl Socket {
         let frame = match ClientFrame::decode(text) {
             Ok(frame) => frame,
             Err(e) => {
-                if let Err(exit) = self.charge(Budget::Commands, e.id.as_ref(), true) {
-                    return exit;
+                if let Some(exit) = self.count_command() {
+                    return Some(exit);
                 }
                 self.reply_error(e.id.as_ref(), e.code, &e.message);
                 return None;
             }
         };
-        if !matches!(frame, ClientFrame::Publish { .. })
-            && let Err(exit) = self.charge(Budget::Commands, frame.id(), true)
-        {
+        let charged = match &frame {
+            ClientFrame::Publish { id, .. } => self.charge(Budget::Publishes, id.as_ref()),
+            ClientFrame::Subscribe { id, .. }
+            | ClientFrame::Unsubscribe { id, .. }
+            | ClientFrame::Refresh { id, .. } => self.charge(Budget::Commands, id.as_ref()),
+            ClientFrame::Ping { .. } => self.count_command().map_or(Ok(()), |exit| Err(Some(exit))),
+        };
+        if let Err(exit) = charged {
             return exit;
         }
         match frame {
@@ -431,9 +435,6 @@ impl Socket {
                     self.reply_error(id.as_ref(), code, why);
                     return None;
                 }
-                if let Err(exit) = self.charge(Budget::Publishes, id.as_ref(), true) {
-                    return exit;
-                }
                 let published = self.node.publish(&channel, data, Source::Socket);
                 self.publishes.push_back((id, published));
             }
@@ -445,19 +446,35 @@ impl Socket {
         None
     }
 
-    /// Charges one frame to one of the socket's budgets. `Err` when it is refused, holding what
-    /// the frame's handler returns: the socket's exit for sustained abuse, else `None`, an
-    /// `error` `rate_limited` for `id` having been queued (if `answer`).
-    fn charge(&mut self, budget: Budget, id: Option<&FrameId>, answer: bool) -> Result<(), Option<Exit>> {
-        let Err(abuse) = self.session.take_token(budget) else { return Ok(()) };
-        self.node.metrics().limit_hits.with_label_values(&[budget.label()]).inc();
-        if abuse {
-            return Err(Some(Exit::Close(CloseCode::PolicyAbuse)));
+    /// Charges a frame that costs the node real work (a publish, subscribe, unsubscribe or
+    /// refresh) to `budget`, and refuses it once the budget is spent. `Err` holds what the
+    /// frame's handler returns: the socket's exit for sustained abuse, else `None`, an `error`
+    /// `rate_limited` for `id` having been queued.
+    fn charge(&mut self, budget: Budget, id: Option<&FrameId>) -> Result<(), Option<Exit>> {
+        match self.take_token(budget) {
+            Ok(()) => Ok(()),
+            Err(true) => Err(Some(Exit::Close(CloseCode::PolicyAbuse))),
+            Err(false) => {
+                self.reply_error(id, ErrorCode::RateLimited, budget.refusal());
+                Err(None)
+            }
         }
-        if answer {
-            self.reply_error(id, ErrorCode::RateLimited, budget.refusal());
+    }
+
+    /// Counts a frame whose answer costs no more than a refusal would (a `ping`, a malformed or
+    /// binary frame, a WebSocket ping) against the command budget: it is answered as usual, but
+    /// a client that keeps sending such frames past the budget is closed for sustained abuse.
+    fn count_command(&mut self) -> Option<Exit> {
+        matches!(self.take_token(Budget::Commands), Err(true)).then_some(Exit::Close(CloseCode::PolicyAbuse))
+    }
+
+    /// Takes a token from `budget`, counting a refusal in `gateway_limit_hits_total`.
+    fn take_token(&mut self, budget: Budget) -> Result<(), bool> {
+        let taken = self.session.take_token(budget);
+        if taken.is_err() {
+            self.node.metrics().limit_hits.with_label_values(&[budget.label()]).inc();
         }
-        Err(None)
+        taken
     }
 
     fn on_subscribe(&mut self, id: Option<FrameId>, channel: ChannelName) {
@@ -655,13 +672,16 @@ async fn write_gathered(io: &mut (impl AsyncWrite + Unpin), slices: &[IoSlice<'_
         return io.write_vectored(slices).await;
     }
     std::future::poll_fn(|cx| {
-        JOINED.with_borrow_mut(|joined| {
+        let joined = JOINED.try_with(|joined| {
+            let mut joined = joined.borrow_mut();
             joined.clear();
             for slice in slices {
                 joined.extend_from_slice(slice);
             }
-            Pin::new(&mut *io).poll_write(cx, joined)
-        })
+            Pin::new(&mut *io).poll_write(cx, &joined)
+        });
+        // A thread whose locals are being torn down writes the pieces as they are.
+        joined.unwrap_or_else(|_| Pin::new(&mut *io).poll_write_vectored(cx, slices))
     })
     .await
 }
@@ -804,6 +824,8 @@ mod tests {
         wire: Vec<u8>,
         per_write: usize,
         budget: usize,
+        /// How many pieces each write that took bytes was given.
+        pieces: Vec<usize>,
     }
 
     impl AsyncWrite for Throttled {
@@ -814,7 +836,31 @@ mod tests {
             }
             self.budget -= n;
             self.wire.extend_from_slice(&buf[..n]);
+            self.pieces.push(1);
             Poll::Ready(Ok(n))
+        }
+
+        fn poll_write_vectored(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            bufs: &[IoSlice<'_>],
+        ) -> Poll<io::Result<usize>> {
+            let mut n = 0;
+            for buf in bufs {
+                let take = buf.len().min(self.per_write - n).min(self.budget);
+                self.budget -= take;
+                self.wire.extend_from_slice(&buf[..take]);
+                n += take;
+            }
+            if n == 0 {
+                return Poll::Pending;
+            }
+            self.pieces.push(bufs.len());
+            Poll::Ready(Ok(n))
+        }
+
+        fn is_write_vectored(&self) -> bool {
+            true
         }
 
         fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -853,10 +899,11 @@ mod tests {
         }
         let mut batch = VecDeque::from([Frame::text("reply")]);
         readers[0].1.mark();
-        let mut io = Throttled { wire: Vec::new(), per_write: 5000, budget: usize::MAX };
+        let mut io = Throttled { wire: Vec::new(), per_write: 5000, budget: usize::MAX, pieces: Vec::new() };
         let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut Cut::default(), usize::MAX).now_or_never();
         assert!(matches!(wrote, Some(Ok(()))));
         assert_eq!(texts(&io.wire), ["reply".to_owned(), large(0), large(1), large(2)]);
+        assert_eq!(io.pieces[0], 4, "the first write takes the four frames in place");
         assert!(!readers[0].1.has_unread() && batch.is_empty());
     }
 
@@ -871,7 +918,7 @@ mod tests {
         readers[0].1.mark();
         let mut cut = Cut::default();
         // The peer stalls 9 bytes into the third message; the write is then abandoned.
-        let mut io = Throttled { wire: Vec::new(), per_write: 7, budget: 9 + 11 + 20 };
+        let mut io = Throttled { wire: Vec::new(), per_write: 7, budget: 9 + 11 + 20, pieces: Vec::new() };
         assert!(write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never().is_none());
         assert_eq!((cut.reader, cut.written), (Some(0), 9));
 
@@ -883,6 +930,7 @@ mod tests {
         let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never();
         assert!(matches!(wrote, Some(Ok(()))));
         assert_eq!(texts(&io.wire), ["reply 0", "message 0", "message 1", "message 2", "reply 1", "message 3"]);
+        assert!(io.pieces.iter().all(|&pieces| pieces == 1), "small frames are joined: {:?}", io.pieces);
         assert!(!readers[0].1.has_unread() && batch.is_empty());
         assert_eq!((cut.reader, cut.written), (None, 0));
     }

@@ -23,7 +23,8 @@ pub struct Session {
 pub enum Budget {
     /// `publish` commands (`--publish-rate`, `--publish-burst`).
     Publishes,
-    /// Every other frame a client sends: commands, malformed frames, WebSocket pings
+    /// Every other frame a client sends but a WebSocket pong: `subscribe`, `unsubscribe`,
+    /// `refresh` and `ping` commands, malformed or binary frames, WebSocket pings
     /// (`--command-rate`, `--command-burst`).
     Commands,
 }
