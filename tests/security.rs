@@ -757,7 +757,8 @@ async fn sustained_publish_abuse_closes_the_socket_with_1008() {
     for id in 1..=20 {
         raw.send_json(json!({"type": "publish", "channel": channel, "data": id, "id": id})).await;
     }
-    // Two publishes fit the burst, three refusals are answered, the fourth in a row closes.
+    // Two publishes fit the burst, three refusals are answered (a debt of three, the most
+    // allowed at one a second and three strikes), the fourth closes.
     assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 1}));
     assert_eq!(raw.recv_json().await, json!({"type": "ok", "id": 2}));
     for id in 3..=5 {
@@ -812,8 +813,9 @@ async fn commands_other_than_publish_have_a_rate_limit_of_their_own() {
 
 #[tokio::test]
 async fn websocket_pings_paced_above_the_budget_close_the_socket_with_1008() {
-    // 100 a second allowed; pings every 2 ms (five times that). A token comes back every 10 ms,
-    // so refusals are never many in a row: what closes the socket is the debt they run up.
+    // 100 a second allowed; pings every 2 ms (five times that), each answered by its pong. The
+    // refusals run up a debt (the refill pays back only one in five); past one second of the
+    // rate (100 frames), the socket is closed.
     let node = Gateway::start(
         "ping-flood",
         &["--command-rate", "100", "--command-burst", "10", "--max-subscriptions", "10", "--rate-limit-strikes", "20"],

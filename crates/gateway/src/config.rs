@@ -157,8 +157,9 @@ pub struct Config {
     pub command_burst: u32,
 
     /// Sustained abuse: a socket that goes on sending while refused runs up a debt (each refused
-    /// frame counts, the refill pays it back); a debt of more than this many publishes, or,
-    /// counted apart, other frames, closes it with 1008.
+    /// frame costs a token too, the refill pays it back); a debt of more than this many frames,
+    /// or of one second of the budget's rate if that is more, closes it with 1008. Publishes and
+    /// other frames are counted apart.
     #[arg(long, env = "GATEWAY_RATE_LIMIT_STRIKES", default_value_t = 100)]
     pub rate_limit_strikes: u32,
 

@@ -122,8 +122,9 @@ pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 
 /// A token bucket: `rate` tokens per second, up to `burst`. A refused frame still costs a
 /// token: the bucket goes into debt, which the refill pays back, so a client that keeps sending
-/// faster than `rate` while refused runs its debt up, however its frames are spaced, and a debt
-/// of more than `max_debt` frames is sustained abuse.
+/// faster than `rate` while refused runs its debt up, however its frames are spaced. A debt of
+/// more than `strikes` frames, or of one second of `rate` if that is more, is sustained abuse:
+/// a client sending somewhat too fast has about a second to notice its refusals and slow down.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
@@ -135,18 +136,18 @@ pub struct TokenBucket {
 
 impl TokenBucket {
     /// A full bucket.
-    pub fn new(rate: u32, burst: u32, max_debt: u32) -> Self {
+    pub fn new(rate: u32, burst: u32, strikes: u32) -> Self {
         Self {
             rate: f64::from(rate),
             burst: f64::from(burst),
             tokens: f64::from(burst),
             last: tokio::time::Instant::now(),
-            max_debt: f64::from(max_debt),
+            max_debt: f64::from(strikes.max(rate)),
         }
     }
 
     /// Takes a token. `Err(false)` for a refusal, `Err(true)` once the refusals not yet paid
-    /// back by the refill exceed `max_debt` (sustained abuse).
+    /// back by the refill exceed the allowed debt (sustained abuse).
     pub fn take(&mut self) -> Result<(), bool> {
         let now = tokio::time::Instant::now();
         let refill = now.duration_since(self.last).as_secs_f64() * self.rate;
@@ -208,24 +209,32 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn bucket_refuses_then_strikes_out() {
-        let mut bucket = TokenBucket::new(10, 2, 3);
+        let mut bucket = TokenBucket::new(1, 2, 3);
         assert!(bucket.take().is_ok() && bucket.take().is_ok());
         assert_eq!(bucket.take(), Err(false));
         assert_eq!(bucket.take(), Err(false));
         assert_eq!(bucket.take(), Err(false));
         assert_eq!(bucket.take(), Err(true));
+        // At 100 a second the allowed debt is one second of the rate, not three frames.
+        let mut fast = TokenBucket::new(100, 1, 3);
+        assert!(fast.take().is_ok());
+        for _ in 0..100 {
+            assert_eq!(fast.take(), Err(false));
+        }
+        assert_eq!(fast.take(), Err(true));
     }
 
     #[tokio::test(start_paused = true)]
     async fn refusals_run_up_a_debt_that_the_refill_pays_back() {
-        let mut bucket = TokenBucket::new(100, 1, 10);
+        // Ten a second, so the allowed debt is ten frames (one second of the rate).
+        let mut bucket = TokenBucket::new(10, 1, 3);
         assert!(bucket.take().is_ok());
         // Three frames per token, spaced by the refill: a token comes back between every few
         // refusals, yet the debt grows by two a round until it passes ten.
         let mut rounds = 0;
         let abused = loop {
             rounds += 1;
-            tokio::time::advance(std::time::Duration::from_millis(10)).await;
+            tokio::time::advance(std::time::Duration::from_millis(100)).await;
             let takes = [bucket.take(), bucket.take(), bucket.take()];
             if takes.contains(&Err(true)) {
                 break true;

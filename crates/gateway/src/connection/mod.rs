@@ -903,7 +903,7 @@ mod tests {
         let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut Cut::default(), usize::MAX).now_or_never();
         assert!(matches!(wrote, Some(Ok(()))));
         assert_eq!(texts(&io.wire), ["reply".to_owned(), large(0), large(1), large(2)]);
-        assert_eq!(io.pieces[0], 4, "the first write takes the four frames in place");
+        assert_eq!(io.pieces[0], 4, "the first write is given the four frames in place");
         assert!(!readers[0].1.has_unread() && batch.is_empty());
     }
 
