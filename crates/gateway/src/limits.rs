@@ -124,7 +124,8 @@ pub fn client_ip(config: &Config, peer: IpAddr, headers: &HeaderMap) -> IpAddr {
 /// token: the bucket goes into debt, which the refill pays back, so a client that keeps sending
 /// faster than `rate` while refused runs its debt up, however its frames are spaced. A debt of
 /// more than `strikes` frames, or of one second of `rate` if that is more, is sustained abuse:
-/// a client sending somewhat too fast has about a second to notice its refusals and slow down.
+/// a client sending at up to twice `rate` has at least a second to notice its refusals and slow
+/// down.
 #[derive(Debug)]
 pub struct TokenBucket {
     rate: f64,
