@@ -241,10 +241,10 @@ impl Config {
             return bad("--command-rate and --command-burst must be at least 1");
         }
         if (self.command_burst as usize) < self.max_subscriptions {
-            return Err(ConfigError(format!(
+            return bad(&format!(
                 "--command-burst ({}) must be at least --max-subscriptions ({}), so that a client may subscribe to all its channels at once",
                 self.command_burst, self.max_subscriptions
-            )));
+            ));
         }
         if self.jwt_secret.is_some() && self.jwt_public_key.is_some() {
             return bad("give either --jwt-secret or --jwt-public-key, not both");

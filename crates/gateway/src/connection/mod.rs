@@ -20,7 +20,7 @@ pub mod outbox;
 pub mod roster;
 pub mod session;
 
-pub use session::{Budget, Session};
+pub use session::Session;
 
 /// An upgraded WebSocket connection, as a socket's task owns it.
 pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
@@ -35,6 +35,7 @@ use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use linger::Linger;
 use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
+use session::Budget;
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
