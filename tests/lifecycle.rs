@@ -66,6 +66,64 @@ async fn a_quiet_sockets_first_two_messages_are_not_held_back_by_the_linger() {
     }
 }
 
+/// The node's busy sockets share `--write-rate` writes a second: two busy subscribers on a budget
+/// of 5 writes a second linger ten times longer than the 20 ms linger alone (the ceiling), so
+/// each write carries several times as many messages as on a node without the budget fed the
+/// same stream, and every message still arrives, in order. A socket that closes leaves the
+/// busy count.
+#[tokio::test]
+async fn busy_sockets_beyond_the_write_budget_write_less_often_with_more_in_each_write() {
+    let budgeted = Gateway::start("budget", &["--write-linger", "20ms", "--write-rate", "5"]);
+    let unbudgeted = Gateway::start("no-budget", &["--write-linger", "20ms", "--write-rate", "0"]);
+    const MESSAGES: usize = 100;
+    let channel = fresh_channel("budget");
+    let mut readers = Vec::new();
+    let mut publishers = Vec::new();
+    for node in [&budgeted, &unbudgeted] {
+        node.wait_readyz(200).await;
+        for _ in 0..2 {
+            let client = node.client().await;
+            let mut subscription = client.subscribe(&channel).await.expect("subscribe");
+            readers.push(tokio::spawn(async move {
+                for n in 0..MESSAGES {
+                    let message = within("every message", subscription.recv()).await.expect("message");
+                    assert_eq!(message.data_json(), json!(n), "in order");
+                }
+                client
+            }));
+        }
+        publishers.push(node.client().await);
+    }
+    // 100 messages a second for a second, without ids (no replies to count among the writes).
+    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    for n in 0..MESSAGES {
+        pace.tick().await;
+        let data = RawValue::from_string(n.to_string()).expect("raw");
+        for publisher in &publishers {
+            publisher.publish_nowait(&channel, &data).await.expect("sent");
+        }
+    }
+    let mut subscribers = Vec::new();
+    for reader in readers {
+        subscribers.push(reader.await.expect("every message arrived in order"));
+    }
+    let (with_budget, without) = (frames_per_write(&budgeted).await, frames_per_write(&unbudgeted).await);
+    assert!(with_budget >= 3.0 * without, "frames per write: {with_budget:.1} on a budget, {without:.1} without");
+    assert_eq!(budgeted.metric("gateway_busy_sockets").await, 2.0, "both subscribers are busy");
+    for subscriber in subscribers {
+        subscriber.close().await;
+    }
+    budgeted.wait_metric("gateway_busy_sockets", 0.0).await;
+    unbudgeted.wait_metric("gateway_busy_sockets", 0.0).await;
+}
+
+/// The frames a node's writes carried on average, from its `gateway_write_batch_frames` histogram.
+async fn frames_per_write(node: &Gateway) -> f64 {
+    let writes = node.metric("gateway_write_batch_frames_count").await;
+    assert!(writes > 0.0, "the node wrote");
+    node.metric("gateway_write_batch_frames_sum").await / writes
+}
+
 /// At the default level (`info`), a socket's whole life (subscribe, a message, the client's close
 /// and its answer) writes no log line about it: neither ours nor the WebSocket library's debug
 /// lines. The node is then shut down, so that every line it wrote has been read.

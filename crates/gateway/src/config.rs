@@ -94,6 +94,14 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_WRITE_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub write_linger: Duration,
 
+    /// The node's write budget: the most writes a second its busy sockets make together
+    /// (default: 12500 per runtime worker thread). When more sockets are busy than one
+    /// `--write-linger` each allows, every busy socket lingers longer, up to 10 lingers, so that
+    /// writes carry more messages each instead of their per-write kernel cost taking the CPU.
+    /// 0 disables the budget.
+    #[arg(long, env = "GATEWAY_WRITE_RATE")]
+    pub write_rate: Option<u32>,
+
     /// How long a socket may stay silent before the server pings it.
     #[arg(long, env = "GATEWAY_PING_INTERVAL", default_value = "20s", value_parser = humantime::parse_duration)]
     pub ping_interval: Duration,

@@ -31,6 +31,8 @@ pub struct Metrics {
     pub publish_latency: Histogram,
     /// Frames written per flush (write coalescing).
     pub write_batch: Histogram,
+    /// Sockets whose writes linger (see `--write-linger` and `--write-rate`).
+    pub busy_sockets: IntGauge,
     /// 1 while the backplane is connected and its probe comes back.
     pub backplane_up: IntGauge,
     /// Reconnections of the backplane's subscriber connection.
@@ -134,6 +136,11 @@ impl Metrics {
             channels: gauge(r, "gateway_channels", "Channels with at least one local subscriber."),
             publish_latency: latency,
             write_batch,
+            busy_sockets: gauge(
+                r,
+                "gateway_busy_sockets",
+                "Sockets whose writes linger (they receive often enough to batch).",
+            ),
             backplane_up: gauge(
                 r,
                 "gateway_backplane_up",

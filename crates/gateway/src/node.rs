@@ -6,6 +6,7 @@ use crate::backplane::memory::MemoryBackplane;
 use crate::backplane::redis::RedisBackplane;
 use crate::backplane::{Backplane, BackplaneError, PublishAck};
 use crate::config::Config;
+use crate::connection::linger::WriteBudget;
 use crate::connection::outbox::{CloseSwitch, ConnId};
 use crate::connection::roster::Roster;
 use crate::hub::Hub;
@@ -75,6 +76,7 @@ pub struct Node {
     shutdown: CancellationToken,
     tracker: TaskTracker,
     roster: Arc<Roster>,
+    write_budget: Arc<WriteBudget>,
     draining: AtomicBool,
     /// Serialises subscribe/unsubscribe per channel stripe, held across the backplane call.
     stripes: Box<[tokio::sync::Mutex<()>]>,
@@ -103,6 +105,7 @@ impl Node {
         let auth = Authenticator::from_config(&config)?;
         let limits = ConnectionLimits::new(&config);
         let roster = Arc::new(Roster::default());
+        let write_budget = Arc::new(WriteBudget::new(write_rate(&config), metrics.busy_sockets.clone()));
         // Sockets do not watch the shutdown token themselves (see `connection::roster`).
         tracker.spawn({
             let (roster, shutdown) = (roster.clone(), shutdown.clone());
@@ -123,6 +126,7 @@ impl Node {
             shutdown,
             tracker,
             roster,
+            write_budget,
             draining: AtomicBool::new(false),
             stripes: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
             next_conn: AtomicU64::new(1),
@@ -132,6 +136,11 @@ impl Node {
     /// The configuration the node runs with.
     pub fn config(&self) -> &Config {
         &self.config
+    }
+
+    /// The write budget its busy sockets share (see [`crate::connection::linger`]).
+    pub fn write_budget(&self) -> &Arc<WriteBudget> {
+        &self.write_budget
     }
 
     /// This node's id.
@@ -300,4 +309,17 @@ impl Future for Published {
             }
         })
     }
+}
+
+/// Writes a second per runtime worker thread that a node's busy sockets may make together by
+/// default: at the 5-12 us of kernel and runtime work one write costs on a small virtual
+/// machine, a tenth of each core or somewhat more (docs/operations.md, Write budget).
+const WRITES_PER_WORKER: u32 = 12_500;
+
+/// `--write-rate`, or its default for the runtime the node runs on.
+fn write_rate(config: &Config) -> u32 {
+    config.write_rate.unwrap_or_else(|| {
+        let workers = tokio::runtime::Handle::try_current().map_or(1, |runtime| runtime.metrics().num_workers());
+        WRITES_PER_WORKER.saturating_mul(u32::try_from(workers).unwrap_or(u32::MAX))
+    })
 }

@@ -1,4 +1,4 @@
-//! When a socket writes its channels' messages: the write linger.
+//! When a socket writes its channels' messages: the write linger, and the node's write budget.
 //!
 //! A socket that receives rarely writes each message at once. A busy one (its last write
 //! carried several messages, or came less than one `--write-linger` after the write before)
@@ -6,15 +6,56 @@
 //! that arrived meanwhile: a loopback write costs the kernel about as much for one 150-byte frame
 //! as for twenty (docs/architecture.md has the figures). A write of replies alone leaves the
 //! rhythm as it was, so a subscribe's `ok` does not make the channel's first message wait.
+//!
+//! The node's busy sockets share one [`WriteBudget`] of `--write-rate` writes a second: when
+//! more of them are busy than one linger each allows, every busy socket lingers longer (at most
+//! [`MAX_STRETCH`] lingers), so their writes carry more each instead of their number, and the
+//! kernel's cost of each, growing until the node has no CPU left for anything else.
 
+use prometheus::IntGauge;
+use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// The longest a budget stretches a linger, in lingers.
+pub const MAX_STRETCH: u32 = 10;
+
+/// The node's write budget: how many of its sockets are busy, and so how long each lingers for
+/// their writes together to stay within `--write-rate` a second.
+#[derive(Debug)]
+pub struct WriteBudget {
+    /// Busy sockets (the `gateway_busy_sockets` gauge): each one holding a [`Linger`] that is busy.
+    busy: IntGauge,
+    /// One second over the write rate: the linger each busy socket adds to the rest's (zero: no
+    /// budget).
+    per_socket: Duration,
+}
+
+impl WriteBudget {
+    /// A budget of `writes_per_second` (0: none) whose busy sockets are counted in `busy`.
+    pub fn new(writes_per_second: u32, busy: IntGauge) -> Self {
+        let per_socket = match writes_per_second {
+            0 => Duration::ZERO,
+            rate => Duration::from_secs(1) / rate,
+        };
+        Self { busy, per_socket }
+    }
+
+    /// How long a busy socket lingers now: `period`, or longer if the busy sockets would write
+    /// more often together than the budget allows, at most [`MAX_STRETCH`] periods.
+    pub fn linger(&self, period: Duration) -> Duration {
+        let busy = u32::try_from(self.busy.get()).unwrap_or(u32::MAX);
+        self.per_socket.saturating_mul(busy).clamp(period, period.saturating_mul(MAX_STRETCH))
+    }
+}
 
 /// A socket's write rhythm: whether it is busy, and when it last wrote channel messages.
 #[derive(Debug)]
 pub struct Linger {
     /// `--write-linger` (zero: never linger).
     period: Duration,
+    /// The node's budget, shared by every socket.
+    budget: Arc<WriteBudget>,
     /// When the last write of channel messages ended.
     last_write: Option<Instant>,
     /// The last write of channel messages carried several, or came less than a period after the
@@ -24,8 +65,8 @@ pub struct Linger {
 
 impl Linger {
     /// The rhythm of a new socket: not busy.
-    pub fn new(period: Duration) -> Self {
-        Self { period, last_write: None, busy: false }
+    pub fn new(period: Duration, budget: Arc<WriteBudget>) -> Self {
+        Self { period, budget, last_write: None, busy: false }
     }
 
     /// Records a write, ended at `now`, that carried `messages` channel messages. A write of
@@ -34,19 +75,33 @@ impl Linger {
         if messages == 0 {
             return;
         }
-        self.busy = messages > 1 || self.last_write.is_some_and(|last| now < last + self.period);
+        let busy =
+            !self.period.is_zero() && (messages > 1 || self.last_write.is_some_and(|last| now < last + self.period));
+        if busy != self.busy {
+            self.busy = busy;
+            if busy { self.budget.busy.inc() } else { self.budget.busy.dec() }
+        }
         self.last_write = Some(now);
     }
 
     /// When a socket with messages queued at `now` should write them: `None` means at once (it
-    /// is not busy, or its linger has passed), otherwise one period after its last write. No
-    /// message waits longer than one period.
+    /// is not busy, or its linger has passed), otherwise one linger after its last write (a
+    /// period, or longer while the node's budget is stretched). No message waits longer than
+    /// one linger.
     pub fn until(&self, now: Instant) -> Option<Instant> {
         if !self.busy {
             return None;
         }
-        let due = self.last_write? + self.period;
+        let due = self.last_write? + self.budget.linger(self.period);
         (now < due).then_some(due)
+    }
+}
+
+impl Drop for Linger {
+    fn drop(&mut self) {
+        if self.busy {
+            self.budget.busy.dec();
+        }
     }
 }
 
@@ -60,9 +115,14 @@ mod tests {
         Duration::from_millis(n)
     }
 
+    /// A budget of `rate` writes a second, with its busy-socket gauge.
+    fn budget(rate: u32) -> Arc<WriteBudget> {
+        Arc::new(WriteBudget::new(rate, IntGauge::new("busy", "busy sockets").expect("valid gauge")))
+    }
+
     #[test]
     fn a_quiet_sockets_first_two_messages_are_written_at_once_and_the_third_waits() {
-        let mut linger = Linger::new(PERIOD);
+        let mut linger = Linger::new(PERIOD, budget(0));
         let start = Instant::now();
         assert_eq!(linger.until(start), None);
         linger.wrote(1, start);
@@ -74,7 +134,7 @@ mod tests {
 
     #[test]
     fn a_write_of_several_messages_makes_a_socket_busy_and_a_lone_one_later_makes_it_quiet() {
-        let mut linger = Linger::new(PERIOD);
+        let mut linger = Linger::new(PERIOD, budget(0));
         let start = Instant::now();
         linger.wrote(5, start);
         assert_eq!(linger.until(start), Some(start + PERIOD));
@@ -88,9 +148,51 @@ mod tests {
 
     #[test]
     fn a_zero_linger_never_waits() {
-        let mut linger = Linger::new(Duration::ZERO);
+        let mut linger = Linger::new(Duration::ZERO, budget(0));
         let start = Instant::now();
         linger.wrote(50, start);
         assert_eq!(linger.until(start), None);
+    }
+
+    #[test]
+    fn busy_sockets_beyond_the_budget_stretch_everyones_linger_up_to_a_ceiling() {
+        // 100 writes a second: two busy sockets fit in a 20 ms linger each (50 a second each),
+        // four need 40 ms each.
+        let budget = budget(100);
+        let start = Instant::now();
+        let mut sockets: Vec<Linger> = (0..4).map(|_| Linger::new(PERIOD, budget.clone())).collect();
+        for linger in &mut sockets[..2] {
+            linger.wrote(5, start);
+        }
+        assert_eq!(budget.busy.get(), 2);
+        assert_eq!(sockets[0].until(start), Some(start + PERIOD), "within the budget: one linger");
+        for linger in &mut sockets[2..] {
+            linger.wrote(5, start);
+        }
+        assert_eq!(sockets[0].until(start), Some(start + ms(40)), "four busy sockets share 100 writes a second");
+        // A socket gone quiet, or gone, no longer counts.
+        sockets[3].wrote(1, start + ms(100));
+        sockets.pop();
+        sockets.pop();
+        assert_eq!(budget.busy.get(), 2);
+        assert_eq!(sockets[0].until(start), Some(start + PERIOD));
+        // However many are busy, no socket lingers longer than the ceiling.
+        budget.busy.set(1_000_000);
+        assert_eq!(sockets[0].until(start), Some(start + PERIOD * MAX_STRETCH));
+        budget.busy.set(2);
+    }
+
+    #[test]
+    fn without_a_budget_the_linger_is_the_period_however_many_are_busy() {
+        let budget = budget(0);
+        let start = Instant::now();
+        let mut sockets: Vec<Linger> = (0..50).map(|_| Linger::new(PERIOD, budget.clone())).collect();
+        for linger in &mut sockets {
+            linger.wrote(5, start);
+        }
+        assert_eq!(budget.busy.get(), 50);
+        assert_eq!(sockets[0].until(start), Some(start + PERIOD));
+        drop(sockets);
+        assert_eq!(budget.busy.get(), 0, "every busy socket that closes leaves the count");
     }
 }

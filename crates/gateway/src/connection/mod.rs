@@ -122,7 +122,7 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
         ws,
         read_wake: Arc::new(ReadWake { woken: AtomicBool::new(true), task: AtomicWaker::new() }),
         rx,
-        linger: Linger::new(node.config().write_linger),
+        linger: Linger::new(node.config().write_linger, node.write_budget().clone()),
         node,
         outbox,
         switch,
