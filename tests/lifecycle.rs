@@ -69,13 +69,13 @@ async fn a_quiet_sockets_first_two_messages_are_not_held_back_by_the_linger() {
 /// The node's busy sockets share `--write-rate` writes a second: two busy subscribers on a budget
 /// of 5 writes a second linger ten times longer than the 20 ms linger alone (the ceiling), so
 /// each write carries several times as many messages as on a node without the budget fed the
-/// same stream, and every message still arrives, in order. A socket that closes leaves the
-/// busy count.
+/// same stream, and every message still arrives, in order. Once the stream stops, a linger with
+/// nothing to write makes them quiet, and they leave the busy count.
 #[tokio::test]
 async fn busy_sockets_beyond_the_write_budget_write_less_often_with_more_in_each_write() {
     let budgeted = Gateway::start("budget", &["--write-linger", "20ms", "--write-rate", "5"]);
     let unbudgeted = Gateway::start("no-budget", &["--write-linger", "20ms", "--write-rate", "0"]);
-    const MESSAGES: usize = 100;
+    const MESSAGES: usize = 200;
     let channel = fresh_channel("budget");
     let mut readers = Vec::new();
     let mut publishers = Vec::new();
@@ -94,27 +94,32 @@ async fn busy_sockets_beyond_the_write_budget_write_less_often_with_more_in_each
         }
         publishers.push(node.client().await);
     }
-    // 100 messages a second for a second, without ids (no replies to count among the writes).
-    let mut pace = tokio::time::interval(Duration::from_millis(10));
+    // 200 messages a second for a second, without ids (no replies to count among the writes):
+    // ten times one per period, so the subscribers stay busy even if this loop runs late.
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
+    let mut busy_while_publishing = 0.0;
     for n in 0..MESSAGES {
         pace.tick().await;
         let data = RawValue::from_string(n.to_string()).expect("raw");
         for publisher in &publishers {
             publisher.publish_nowait(&channel, &data).await.expect("sent");
         }
+        if n == MESSAGES / 2 {
+            busy_while_publishing = budgeted.metric("gateway_busy_sockets").await;
+        }
     }
+    assert_eq!(busy_while_publishing, 2.0, "both subscribers are busy while the stream runs");
     let mut subscribers = Vec::new();
     for reader in readers {
         subscribers.push(reader.await.expect("every message arrived in order"));
     }
     let (with_budget, without) = (frames_per_write(&budgeted).await, frames_per_write(&unbudgeted).await);
     assert!(with_budget >= 3.0 * without, "frames per write: {with_budget:.1} on a budget, {without:.1} without");
-    assert_eq!(budgeted.metric("gateway_busy_sockets").await, 2.0, "both subscribers are busy");
-    for subscriber in subscribers {
-        subscriber.close().await;
-    }
+    // Silence makes them quiet; they are still connected.
     budgeted.wait_metric("gateway_busy_sockets", 0.0).await;
     unbudgeted.wait_metric("gateway_busy_sockets", 0.0).await;
+    assert_eq!(budgeted.metric("gateway_connections").await, 3.0);
+    drop(subscribers);
 }
 
 /// The frames a node's writes carried on average, from its `gateway_write_batch_frames` histogram.

@@ -86,11 +86,12 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_WRITE_BUFFER_SIZE", default_value_t = DEFAULT_WRITE_BUFFER_SIZE)]
     pub write_buffer_size: usize,
 
-    /// Write coalescing: a busy socket (its last write carried several messages, or came less
-    /// than this long after the one before) that wrote less than this long ago waits until this
-    /// long has passed before its next write, so one write carries every message queued
-    /// meanwhile. Quieter sockets are written to at once. It adds at most this much latency to a
-    /// busy socket: lower it for latency, raise it for less CPU per delivery. 0 disables.
+    /// Write coalescing: a busy socket (it receives more than one message per this long) that
+    /// wrote less than this long ago waits until this long has passed before its next write, so
+    /// one write carries every message queued meanwhile. Quieter sockets are written to at once.
+    /// It adds at most this much latency to a busy socket (up to ten times as much while more
+    /// sockets are busy than `--write-rate` allows): lower it for latency, raise it for less CPU
+    /// per delivery. At most 1h; 0 disables.
     #[arg(long, env = "GATEWAY_WRITE_LINGER", default_value = "20ms", value_parser = humantime::parse_duration)]
     pub write_linger: Duration,
 
@@ -242,6 +243,12 @@ impl Config {
         if self.ping_interval.is_zero() || self.pong_timeout.is_zero() || self.write_timeout.is_zero() {
             return bad("--ping-interval, --pong-timeout and --write-timeout must be above zero");
         }
+        if self.write_linger > Duration::from_secs(3600) {
+            return bad("--write-linger must be at most 1h (a busy socket's messages wait up to ten lingers)");
+        }
+        if self.write_rate.is_some_and(|rate| rate > 1_000_000_000) {
+            return bad("--write-rate must be at most 1000000000 writes a second (0 disables the budget)");
+        }
         if self.publish_rate == 0 || self.publish_burst == 0 {
             return bad("--publish-rate and --publish-burst must be at least 1");
         }
@@ -308,6 +315,10 @@ mod tests {
         );
         let c = Config::from_args(["--max-subscriptions", "5000", "--command-burst", "5000"]).expect("parses");
         c.validate().expect("a burst that covers them is fine");
+        for args in [["--write-linger", "2h"], ["--write-rate", "2000000000"]] {
+            let c = Config::from_args(args).expect("parses");
+            assert!(c.validate().is_err(), "{args:?} is refused");
+        }
         let c = Config::from_args(["--trusted-proxies", "10.0.0.0/8,127.0.0.1"]).expect("parses");
         assert!(c.is_trusted_proxy("10.1.2.3".parse().expect("ip")));
     }

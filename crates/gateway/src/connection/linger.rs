@@ -1,8 +1,8 @@
 //! When a socket writes its channels' messages: the write linger, and the node's write budget.
 //!
-//! A socket that receives rarely writes each message at once. A busy one (its last write
-//! carried several messages, or came less than one `--write-linger` after the write before)
-//! waits until one linger has passed since its last write, so that one write carries everything
+//! A socket that receives rarely writes each message at once. A busy one (it receives more
+//! than one message per `--write-linger`: see [`Linger::wrote`]) waits until one linger has
+//! passed since its last write, so that one write carries everything
 //! that arrived meanwhile: a loopback write costs the kernel about as much for one 150-byte frame
 //! as for twenty (docs/architecture.md has the figures). A write of replies alone leaves the
 //! rhythm as it was, so a subscribe's `ok` does not make the channel's first message wait.
@@ -24,7 +24,7 @@ pub const MAX_STRETCH: u32 = 10;
 /// their writes together to stay within `--write-rate` a second.
 #[derive(Debug)]
 pub struct WriteBudget {
-    /// Busy sockets (the `gateway_busy_sockets` gauge): each one holding a [`Linger`] that is busy.
+    /// Busy sockets (the `gateway_busy_sockets` gauge): each [`Linger`] that is busy counts once.
     busy: IntGauge,
     /// One second over the write rate: the linger each busy socket adds to the rest's (zero: no
     /// budget).
@@ -58,8 +58,10 @@ pub struct Linger {
     budget: Arc<WriteBudget>,
     /// When the last write of channel messages ended.
     last_write: Option<Instant>,
-    /// The last write of channel messages carried several, or came less than a period after the
-    /// one before: waiting for the next write is worth its latency.
+    /// The socket receives more than one message per period: its last write of channel messages
+    /// carried more than one per period since the write before (or several, after a quiet
+    /// spell), and it has not since let a whole linger pass with nothing to write. Waiting for
+    /// the next write is worth its latency.
     busy: bool,
 }
 
@@ -70,18 +72,37 @@ impl Linger {
     }
 
     /// Records a write, ended at `now`, that carried `messages` channel messages. A write of
-    /// replies alone (`messages == 0`) changes nothing.
+    /// replies alone (`messages == 0`) changes nothing. The socket is busy if the write carried
+    /// more than one message per period since the last one: judged by the period, not by the
+    /// linger the budget stretched it to, so a socket that receives less than one message per
+    /// period is quiet however long it lingered.
     pub fn wrote(&mut self, messages: u64, now: Instant) {
         if messages == 0 {
             return;
         }
-        let busy =
-            !self.period.is_zero() && (messages > 1 || self.last_write.is_some_and(|last| now < last + self.period));
+        let busy = !self.period.is_zero()
+            && match self.last_write {
+                None => messages > 1,
+                Some(last) => {
+                    let spread = self.period.saturating_mul(u32::try_from(messages).unwrap_or(u32::MAX));
+                    spread > now.saturating_duration_since(last)
+                }
+            };
+        self.set_busy(busy);
+        self.last_write = Some(now);
+    }
+
+    /// Records that a whole linger passed with nothing to write: the socket is quiet again, and
+    /// its next message is written at once. Also called when the socket closes.
+    pub fn quiet(&mut self) {
+        self.set_busy(false);
+    }
+
+    fn set_busy(&mut self, busy: bool) {
         if busy != self.busy {
             self.busy = busy;
             if busy { self.budget.busy.inc() } else { self.budget.busy.dec() }
         }
-        self.last_write = Some(now);
     }
 
     /// When a socket with messages queued at `now` should write them: `None` means at once (it
@@ -99,9 +120,7 @@ impl Linger {
 
 impl Drop for Linger {
     fn drop(&mut self) {
-        if self.busy {
-            self.budget.busy.dec();
-        }
+        self.quiet();
     }
 }
 
@@ -194,5 +213,26 @@ mod tests {
         assert_eq!(sockets[0].until(start), Some(start + PERIOD));
         drop(sockets);
         assert_eq!(budget.busy.get(), 0, "every busy socket that closes leaves the count");
+    }
+
+    #[test]
+    fn a_socket_below_one_message_per_period_is_quiet_however_long_the_stretched_linger() {
+        // A stretched 200 ms linger gathers two messages of a socket that gets ten a second: that
+        // is one per 100 ms, slower than one per 20 ms period, so it is not busy and does not
+        // keep the stretch going.
+        let budget = budget(1);
+        let start = Instant::now();
+        let mut linger = Linger::new(PERIOD, budget.clone());
+        linger.wrote(3, start);
+        assert_eq!(linger.until(start), Some(start + PERIOD * MAX_STRETCH));
+        linger.wrote(2, start + ms(200));
+        assert_eq!(budget.busy.get(), 0);
+        assert_eq!(linger.until(start + ms(201)), None);
+        // Fifteen in the same 200 ms is more than one per period: busy.
+        linger.wrote(15, start + ms(400));
+        assert_eq!(budget.busy.get(), 1);
+        // A linger that ends with nothing to write makes it quiet at once.
+        linger.quiet();
+        assert_eq!((budget.busy.get(), linger.until(start + ms(401))), (0, None));
     }
 }

@@ -196,8 +196,13 @@ impl Socket {
                 biased;
                 reason = switch.closed() => return Exit::Close(reason),
                 () = ready(&self.rx, &self.readers), if !self.lingering => {
-                    if !self.start_linger(linger_over.as_mut()) && let Err(exit) = Box::pin(self.write_batch(true)).await {
-                        return exit;
+                    if !self.start_linger(linger_over.as_mut()) {
+                        if let Err(exit) = Box::pin(self.write_batch(true)).await {
+                            return exit;
+                        }
+                        // A write that made the socket busy starts its linger, so that a linger
+                        // with nothing to write at its end can find it quiet again.
+                        self.start_linger(linger_over.as_mut());
                     }
                 }
                 // The linger is over, or a burst is filling the queue: write now, and linger again
@@ -208,6 +213,8 @@ impl Socket {
                 {
                     self.lingering = false;
                     if !has_unread(&self.rx, &self.readers) {
+                        // A whole linger without a message: quiet again, the next one goes at once.
+                        self.linger.quiet();
                         continue;
                     }
                     if let Err(exit) = Box::pin(self.write_batch(true)).await {
@@ -527,6 +534,7 @@ impl Socket {
         // handshake (the hub entry is covered by the registration, which already lists it).
         self.pending = None;
         self.registration.leave();
+        self.linger.quiet();
         let flush =
             matches!(exit, Exit::Close(code) if !matches!(code, CloseCode::SlowConsumer | CloseCode::HeartbeatTimeout));
         if !self.detach_feeds(flush) {
