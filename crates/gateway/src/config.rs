@@ -99,7 +99,7 @@ pub struct Config {
     /// (default: 12500 per runtime worker thread). When more sockets are busy than one
     /// `--write-linger` each allows, every busy socket lingers longer, up to 10 lingers, so that
     /// writes carry more messages each instead of their per-write kernel cost taking the CPU.
-    /// 0 disables the budget.
+    /// 0 disables the budget; at most 1000000000.
     #[arg(long, env = "GATEWAY_WRITE_RATE")]
     pub write_rate: Option<u32>,
 

@@ -58,21 +58,23 @@ pub struct Linger {
     budget: Arc<WriteBudget>,
     /// When the last write of channel messages ended.
     last_write: Option<Instant>,
-    /// The socket receives more than one message per period: its last write of channel messages
-    /// carried more than one per period since the write before (or several, after a quiet
-    /// spell), and it has not since let a whole linger pass with nothing to write. Waiting for
-    /// the next write is worth its latency.
-    busy: bool,
+    /// Writes in a row (at most two) that carried more than one message per period since the
+    /// write before (the first write of all: more than one message), with no linger since that
+    /// ended with nothing to write. One makes the socket busy: it lingers, since waiting for its
+    /// next write is worth the latency. Two in a row count it in the node's budget, so that a
+    /// socket that only now and then gets two messages close together does not stretch
+    /// everyone's linger.
+    streak: u8,
 }
 
 impl Linger {
     /// The rhythm of a new socket: not busy.
     pub fn new(period: Duration, budget: Arc<WriteBudget>) -> Self {
-        Self { period, budget, last_write: None, busy: false }
+        Self { period, budget, last_write: None, streak: 0 }
     }
 
     /// Records a write, ended at `now`, that carried `messages` channel messages. A write of
-    /// replies alone (`messages == 0`) changes nothing. The socket is busy if the write carried
+    /// replies alone (`messages == 0`) changes nothing. The write counts as busy if it carried
     /// more than one message per period since the last one: judged by the period, not by the
     /// linger the budget stretched it to, so a socket that receives less than one message per
     /// period is quiet however long it lingered.
@@ -88,20 +90,26 @@ impl Linger {
                     spread > now.saturating_duration_since(last)
                 }
             };
-        self.set_busy(busy);
+        self.set_streak(if busy { (self.streak + 1).min(2) } else { 0 });
         self.last_write = Some(now);
     }
 
-    /// Records that a whole linger passed with nothing to write: the socket is quiet again, and
-    /// its next message is written at once. Also called when the socket closes.
+    /// Records that a whole linger passed with no message to write: the socket is quiet again,
+    /// and its next message is written at once. Also called when the socket closes.
     pub fn quiet(&mut self) {
-        self.set_busy(false);
+        self.set_streak(0);
     }
 
-    fn set_busy(&mut self, busy: bool) {
-        if busy != self.busy {
-            self.busy = busy;
-            if busy { self.budget.busy.inc() } else { self.budget.busy.dec() }
+    /// Whether the socket lingers before its next write.
+    pub fn is_busy(&self) -> bool {
+        self.streak > 0
+    }
+
+    fn set_streak(&mut self, streak: u8) {
+        let (counted, counts) = (self.streak >= 2, streak >= 2);
+        self.streak = streak;
+        if counted != counts {
+            if counts { self.budget.busy.inc() } else { self.budget.busy.dec() }
         }
     }
 
@@ -110,7 +118,7 @@ impl Linger {
     /// period, or longer while the node's budget is stretched). No message waits longer than
     /// one linger.
     pub fn until(&self, now: Instant) -> Option<Instant> {
-        if !self.busy {
+        if !self.is_busy() {
             return None;
         }
         let due = self.last_write? + self.budget.linger(self.period);
@@ -173,20 +181,26 @@ mod tests {
         assert_eq!(linger.until(start), None);
     }
 
+    /// Two busy writes in a row, the second at `at`: the socket is busy and counted.
+    fn keep_busy(linger: &mut Linger, at: Instant) {
+        linger.wrote(5, at - ms(1));
+        linger.wrote(5, at);
+    }
+
     #[test]
     fn busy_sockets_beyond_the_budget_stretch_everyones_linger_up_to_a_ceiling() {
         // 100 writes a second: two busy sockets fit in a 20 ms linger each (50 a second each),
         // four need 40 ms each.
         let budget = budget(100);
-        let start = Instant::now();
+        let start = Instant::now() + ms(10);
         let mut sockets: Vec<Linger> = (0..4).map(|_| Linger::new(PERIOD, budget.clone())).collect();
         for linger in &mut sockets[..2] {
-            linger.wrote(5, start);
+            keep_busy(linger, start);
         }
         assert_eq!(budget.busy.get(), 2);
         assert_eq!(sockets[0].until(start), Some(start + PERIOD), "within the budget: one linger");
         for linger in &mut sockets[2..] {
-            linger.wrote(5, start);
+            keep_busy(linger, start);
         }
         assert_eq!(sockets[0].until(start), Some(start + ms(40)), "four busy sockets share 100 writes a second");
         // A socket gone quiet, or gone, no longer counts.
@@ -202,12 +216,31 @@ mod tests {
     }
 
     #[test]
+    fn one_busy_write_makes_a_socket_linger_and_two_in_a_row_count_it_in_the_budget() {
+        let budget = budget(1);
+        let start = Instant::now();
+        let mut linger = Linger::new(PERIOD, budget.clone());
+        // Two messages close together now and then: the socket lingers once, uncounted, so its
+        // linger is the period alone.
+        linger.wrote(1, start);
+        linger.wrote(1, start + ms(5));
+        assert!(linger.is_busy());
+        assert_eq!((budget.busy.get(), linger.until(start + ms(6))), (0, Some(start + ms(25))));
+        linger.wrote(1, start + ms(300));
+        assert!(!linger.is_busy());
+        // A sustained stream: counted from its second busy write on.
+        linger.wrote(4, start + ms(301));
+        linger.wrote(4, start + ms(320));
+        assert_eq!(budget.busy.get(), 1);
+    }
+
+    #[test]
     fn without_a_budget_the_linger_is_the_period_however_many_are_busy() {
         let budget = budget(0);
-        let start = Instant::now();
+        let start = Instant::now() + ms(10);
         let mut sockets: Vec<Linger> = (0..50).map(|_| Linger::new(PERIOD, budget.clone())).collect();
         for linger in &mut sockets {
-            linger.wrote(5, start);
+            keep_busy(linger, start);
         }
         assert_eq!(budget.busy.get(), 50);
         assert_eq!(sockets[0].until(start), Some(start + PERIOD));
@@ -221,18 +254,19 @@ mod tests {
         // is one per 100 ms, slower than one per 20 ms period, so it is not busy and does not
         // keep the stretch going.
         let budget = budget(1);
-        let start = Instant::now();
+        let start = Instant::now() + ms(10);
         let mut linger = Linger::new(PERIOD, budget.clone());
-        linger.wrote(3, start);
+        keep_busy(&mut linger, start);
         assert_eq!(linger.until(start), Some(start + PERIOD * MAX_STRETCH));
         linger.wrote(2, start + ms(200));
         assert_eq!(budget.busy.get(), 0);
         assert_eq!(linger.until(start + ms(201)), None);
-        // Fifteen in the same 200 ms is more than one per period: busy.
+        // Fifteen in the same 200 ms, twice, is more than one per period: busy and counted.
         linger.wrote(15, start + ms(400));
+        linger.wrote(15, start + ms(600));
         assert_eq!(budget.busy.get(), 1);
         // A linger that ends with nothing to write makes it quiet at once.
         linger.quiet();
-        assert_eq!((budget.busy.get(), linger.until(start + ms(401))), (0, None));
+        assert_eq!((budget.busy.get(), linger.until(start + ms(601))), (0, None));
     }
 }

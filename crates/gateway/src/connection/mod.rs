@@ -212,10 +212,13 @@ impl Socket {
                     if self.lingering =>
                 {
                     self.lingering = false;
-                    if !has_unread(&self.rx, &self.readers) {
-                        // A whole linger without a message: quiet again, the next one goes at once.
+                    if !self.readers.iter().any(|(_, reader)| reader.has_unread()) {
+                        // A whole linger without a message: quiet again, the next one goes at
+                        // once (replies queued meanwhile are written now).
                         self.linger.quiet();
-                        continue;
+                        if self.rx.is_empty() {
+                            continue;
+                        }
                     }
                     if let Err(exit) = Box::pin(self.write_batch(true)).await {
                         return exit;
@@ -777,11 +780,6 @@ async fn ready(rx: &Inbox, readers: &[(ChannelName, Reader)]) {
         if readers.iter().any(|(_, reader)| reader.has_unread()) { Poll::Ready(()) } else { Poll::Pending }
     })
     .await;
-}
-
-/// Whether a reply or a channel's message waits to be written.
-fn has_unread(rx: &Inbox, readers: &[(ChannelName, Reader)]) -> bool {
-    !rx.is_empty() || readers.iter().any(|(_, reader)| reader.has_unread())
 }
 
 /// Resolves with the oldest publish's outcome (answers go out in the order commands came in).
