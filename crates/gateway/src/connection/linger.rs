@@ -7,10 +7,11 @@
 //! as for twenty (docs/architecture.md has the figures). A write of replies alone leaves the
 //! rhythm as it was, so a subscribe's `ok` does not make the channel's first message wait.
 //!
-//! The node's busy sockets share one [`WriteBudget`] of `--write-rate` writes a second: when
-//! more of them are busy than one linger each allows, every busy socket lingers longer (at most
-//! [`MAX_STRETCH`] lingers), so their writes carry more each instead of their number, and the
-//! kernel's cost of each, growing until the node has no CPU left for anything else.
+//! The node's steadily busy sockets (busy two writes in a row) share one [`WriteBudget`] of
+//! `--write-rate` writes a second: when more of them are counted than one linger each allows,
+//! every busy socket lingers longer (at most [`MAX_STRETCH`] lingers), so their writes carry
+//! more each instead of their number, and the kernel's cost of each, growing until the node has
+//! no CPU left for anything else.
 
 use prometheus::IntGauge;
 use std::sync::Arc;
@@ -20,11 +21,12 @@ use tokio::time::Instant;
 /// The longest a budget stretches a linger, in lingers.
 pub const MAX_STRETCH: u32 = 10;
 
-/// The node's write budget: how many of its sockets are busy, and so how long each lingers for
-/// their writes together to stay within `--write-rate` a second.
+/// The node's write budget: how many of its sockets are steadily busy, and so how long each busy
+/// socket lingers for their writes together to stay within `--write-rate` a second.
 #[derive(Debug)]
 pub struct WriteBudget {
-    /// Busy sockets (the `gateway_busy_sockets` gauge): each [`Linger`] that is busy counts once.
+    /// Steadily busy sockets (the `gateway_busy_sockets` gauge): each [`Linger`] with a streak of
+    /// two busy writes counts once.
     busy: IntGauge,
     /// One second over the write rate: the linger each busy socket adds to the rest's (zero: no
     /// budget).
@@ -41,7 +43,7 @@ impl WriteBudget {
         Self { busy, per_socket }
     }
 
-    /// How long a busy socket lingers now: `period`, or longer if the busy sockets would write
+    /// How long a busy socket lingers now: `period`, or longer if the counted sockets would write
     /// more often together than the budget allows, at most [`MAX_STRETCH`] periods.
     pub fn linger(&self, period: Duration) -> Duration {
         let busy = u32::try_from(self.busy.get()).unwrap_or(u32::MAX);

@@ -201,8 +201,12 @@ impl Socket {
                             return exit;
                         }
                         // A write that made the socket busy starts its linger, so that a linger
-                        // with nothing to write at its end can find it quiet again.
-                        self.start_linger(linger_over.as_mut());
+                        // with nothing to write at its end can find it quiet again. A busy
+                        // socket that cannot linger after it wrote (replies alone, a whole linger
+                        // after its last message) is quiet already.
+                        if !self.start_linger(linger_over.as_mut()) && !self.rx.is_half_full() {
+                            self.linger.quiet();
+                        }
                     }
                 }
                 // The linger is over, or a burst is filling the queue: write now, and linger again
@@ -213,9 +217,12 @@ impl Socket {
                 {
                     self.lingering = false;
                     if !self.readers.iter().any(|(_, reader)| reader.has_unread()) {
-                        // A whole linger without a message: quiet again, the next one goes at
-                        // once (replies queued meanwhile are written now).
-                        self.linger.quiet();
+                        // A whole linger without a message (not one cut short by a queue of
+                        // replies): quiet again, the next one goes at once. Replies queued
+                        // meanwhile are written now.
+                        if linger_over.is_elapsed() {
+                            self.linger.quiet();
+                        }
                         if self.rx.is_empty() {
                             continue;
                         }
