@@ -31,7 +31,7 @@ pub struct Metrics {
     pub publish_latency: Histogram,
     /// Frames written per flush (write coalescing).
     pub write_batch: Histogram,
-    /// Sockets whose writes linger (see `--write-linger` and `--write-rate`).
+    /// Steadily busy sockets, counted in the write budget (see `--write-linger` and `--write-rate`).
     pub busy_sockets: IntGauge,
     /// 1 while the backplane is connected and its probe comes back.
     pub backplane_up: IntGauge,
@@ -139,7 +139,7 @@ impl Metrics {
             busy_sockets: gauge(
                 r,
                 "gateway_busy_sockets",
-                "Sockets whose writes linger (they receive often enough to batch).",
+                "Steadily busy sockets (two writes in a row with more than one message per linger): they share the write budget.",
             ),
             backplane_up: gauge(
                 r,
