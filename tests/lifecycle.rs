@@ -4,10 +4,11 @@
 mod support;
 
 use futures_util::StreamExt;
-use gateway_client::ClientConfig;
+use gateway_client::{Client, ClientConfig};
 use serde_json::json;
 use serde_json::value::RawValue;
 use std::io::Cursor;
+use std::ops::Range;
 use std::time::Duration;
 use support::{Backend, Cluster, Gateway, RawSocket, fresh_channel, within};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -94,20 +95,9 @@ async fn busy_sockets_beyond_the_write_budget_write_less_often_with_more_in_each
         }
         publishers.push(node.client().await);
     }
-    // 200 messages a second for a second, without ids (no replies to count among the writes):
-    // ten times one per period, so the subscribers stay busy even if this loop runs late.
-    let mut pace = tokio::time::interval(Duration::from_millis(5));
-    let mut busy_while_publishing: f64 = 0.0;
-    for n in 0..MESSAGES {
-        pace.tick().await;
-        let data = RawValue::from_string(n.to_string()).expect("raw");
-        for publisher in &publishers {
-            publisher.publish_nowait(&channel, &data).await.expect("sent");
-        }
-        if n % 40 == 39 {
-            busy_while_publishing = busy_while_publishing.max(budgeted.metric("gateway_busy_sockets").await);
-        }
-    }
+    // 200 messages a second for a second: ten times one per period, so the subscribers stay busy
+    // even if the loop runs late.
+    let busy_while_publishing = stream_paced(&publishers, &channel, 0..MESSAGES, Some(&budgeted)).await;
     assert_eq!(busy_while_publishing, 2.0, "both subscribers are busy while the stream runs");
     let mut subscribers = Vec::new();
     for reader in readers {
@@ -131,17 +121,8 @@ async fn a_socket_that_unsubscribes_from_a_busy_stream_leaves_the_busy_count() {
     let channel = fresh_channel("unsubscribe-busy");
     let subscriber = node.client().await;
     let mut subscription = subscriber.subscribe(&channel).await.expect("subscribe");
-    let publisher = node.client().await;
-    let mut pace = tokio::time::interval(Duration::from_millis(5));
-    let mut busy: f64 = 0.0;
-    for n in 0..100 {
-        pace.tick().await;
-        let data = RawValue::from_string(n.to_string()).expect("raw");
-        publisher.publish_nowait(&channel, &data).await.expect("sent");
-        if n % 20 == 19 {
-            busy = busy.max(node.metric("gateway_busy_sockets").await);
-        }
-    }
+    let publishers = [node.client().await];
+    let busy = stream_paced(&publishers, &channel, 0..100, Some(&node)).await;
     assert_eq!(busy, 1.0, "the subscriber is busy while the stream runs");
     // Unsubscribed in the middle of the stream.
     let unsubscribing = tokio::spawn({
@@ -151,15 +132,30 @@ async fn a_socket_that_unsubscribes_from_a_busy_stream_leaves_the_busy_count() {
             subscriber
         }
     });
-    for n in 100..200 {
-        pace.tick().await;
-        let data = RawValue::from_string(n.to_string()).expect("raw");
-        publisher.publish_nowait(&channel, &data).await.expect("sent");
-    }
+    stream_paced(&publishers, &channel, 100..200, None).await;
     let subscriber = within("the unsubscribe's answer", unsubscribing).await.expect("task ran");
     node.wait_metric("gateway_busy_sockets", 0.0).await;
     assert_eq!(within("the first message", subscription.recv()).await.expect("message").data_json(), json!(0));
     drop(subscriber);
+}
+
+/// Publishes the numbers in `messages` to `channel` from each of `publishers`, one every 5 ms,
+/// without ids (no replies to count among the writes). Every 20th message it reads `watched`'s
+/// `gateway_busy_sockets`; returns the highest reading (0 with nothing watched).
+async fn stream_paced(publishers: &[Client], channel: &str, messages: Range<usize>, watched: Option<&Gateway>) -> f64 {
+    let mut pace = tokio::time::interval(Duration::from_millis(5));
+    let mut busiest: f64 = 0.0;
+    for n in messages {
+        pace.tick().await;
+        let data = RawValue::from_string(n.to_string()).expect("raw");
+        for publisher in publishers {
+            publisher.publish_nowait(channel, &data).await.expect("sent");
+        }
+        if let Some(node) = watched.filter(|_| n % 20 == 19) {
+            busiest = busiest.max(node.metric("gateway_busy_sockets").await);
+        }
+    }
+    busiest
 }
 
 /// The frames a node's writes carried on average, from its `gateway_write_batch_frames` histogram.

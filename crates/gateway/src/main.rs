@@ -41,10 +41,17 @@ fn main() -> ExitCode {
                 return ExitCode::FAILURE;
             }
         };
-        match gateway::run(config, listener, shutdown_signal()).await {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
+        // Spawned rather than run here: a future given to `block_on` runs on this thread, outside
+        // the runtime's workers, so every connection its accept loop spawned had to be handed over
+        // and a worker woken for it. On a worker, a new connection's task starts on the same one.
+        match tokio::spawn(gateway::run(config, listener, shutdown_signal())).await {
+            Ok(Ok(())) => ExitCode::SUCCESS,
+            Ok(Err(e)) => {
                 tracing::error!("{e}");
+                ExitCode::FAILURE
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "the node's task failed");
                 ExitCode::FAILURE
             }
         }
