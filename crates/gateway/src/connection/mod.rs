@@ -775,10 +775,11 @@ async fn next_frame(ws: &mut WsStream, wake: &Arc<ReadWake>) -> Option<Result<Me
 }
 
 /// Resolves once a reply is queued or a channel has a message for the socket, without taking
-/// anything (cancel-safe). Until then, a reply or a message wakes the socket's task.
+/// anything (cancel-safe). Until then, a channel's message wakes the socket's task (a reply is
+/// queued by the task itself, whose loop polls this again before it waits).
 async fn ready(rx: &Inbox, readers: &[(ChannelName, Reader)]) {
-    std::future::poll_fn(|cx: &mut Context<'_>| {
-        if rx.poll_ready(cx).is_ready() {
+    std::future::poll_fn(|_: &mut Context<'_>| {
+        if !rx.is_empty() {
             return Poll::Ready(());
         }
         for (_, reader) in readers {

@@ -8,11 +8,12 @@
 //!
 //! The queue is a `VecDeque` behind a short mutex, drained whole by the socket's task. Compared
 //! with tokio's bounded channel it takes no second lock per received frame, and an idle socket's
-//! queue keeps no pre-allocated block.
+//! queue keeps no pre-allocated block. Only the socket's task pushes to it, so a push wakes
+//! nobody (see [`Outbox::push`]).
 //!
-//! Every signal to the socket's task (a reply queued, a channel's message for a waiting socket,
-//! half a queue behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task polls
-//! them on every wake-up, so each poll must stay a few atomic operations. (A
+//! Every signal to the socket's task from elsewhere (a channel's message for a waiting socket, a
+//! channel falling behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task
+//! polls them on every wake-up, so each poll must stay a few atomic operations. (A
 //! `tokio::sync::Notify` takes its mutex whenever a waiting future is polled; shared by many
 //! sockets, that mutex was a node-wide lock on every wake-up.)
 
@@ -120,7 +121,6 @@ pub struct Outbox {
 #[derive(Debug)]
 pub struct Inbox {
     queue: Arc<Queue>,
-    switch: Arc<CloseSwitch>,
 }
 
 /// The frames themselves. A short mutex section per push and one per drained batch; an idle
@@ -135,10 +135,6 @@ struct Queue {
 #[derive(Debug, Default)]
 struct Queued {
     frames: VecDeque<Frame>,
-    /// The socket's task found the queue empty in [`Inbox::ready`] and waits for a frame. Only
-    /// then does a push wake it: a socket that lingers before its next write is not woken by
-    /// every frame that arrives meanwhile.
-    waiting: bool,
 }
 
 impl Queue {
@@ -149,20 +145,6 @@ impl Queue {
 }
 
 impl Inbox {
-    /// Ready once at least one frame is queued, without taking it; until then a push wakes
-    /// the task of `cx`.
-    pub fn poll_ready(&self, cx: &mut Context<'_>) -> Poll<()> {
-        let mut state = self.queue.state.lock();
-        if state.frames.is_empty() {
-            // Registered under the lock: a push after it sees the new waker.
-            self.switch.task.register(cx.waker());
-            state.waiting = true;
-            Poll::Pending
-        } else {
-            Poll::Ready(())
-        }
-    }
-
     /// Moves every queued frame to the back of `batch`, freeing their room in the queue.
     pub fn drain_into(&self, batch: &mut VecDeque<Frame>) {
         let mut state = self.queue.state.lock();
@@ -178,7 +160,9 @@ impl Inbox {
         self.queue.state.lock().frames.len()
     }
 
-    /// Whether no frame waits in the queue.
+    /// Whether no frame waits in the queue. Nothing wakes the task when one is pushed: only the
+    /// socket's own task pushes, from its loop, which looks at the queue again before it waits
+    /// (see [`Outbox::push`]).
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -203,12 +187,18 @@ impl Outbox {
     /// Creates a queue of `capacity` frames for a socket controlled by `switch`.
     pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> (Self, Inbox) {
         let queue = Arc::new(Queue { state: Mutex::default(), capacity });
-        (Self { queue: queue.clone(), switch: switch.clone() }, Inbox { queue, switch })
+        (Self { queue: queue.clone(), switch }, Inbox { queue })
     }
 
-    /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer".
+    /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer";
+    /// a queue that reaches half its capacity raises the urge (stop lingering, write now).
+    ///
+    /// Only the socket's own task pushes, while it runs, and its loop polls the queue and the
+    /// urge again before it waits, so a push wakes nobody. (Waking the running task, as a push
+    /// did, made the runtime poll it once more for nothing, and wake an idle worker thread for
+    /// that: one futex call and context switch per subscribe answered.)
     pub fn push(&self, frame: Frame) -> Push {
-        let (len, wake) = {
+        let len = {
             let mut state = self.queue.state.lock();
             if state.frames.len() >= self.queue.capacity {
                 drop(state);
@@ -216,13 +206,10 @@ impl Outbox {
                 return Push::SlowConsumer;
             }
             state.frames.push_back(frame);
-            (state.frames.len(), std::mem::take(&mut state.waiting))
+            state.frames.len()
         };
         if len == self.queue.half() {
             self.switch.urge.store(true, Ordering::Release);
-            self.switch.task.wake();
-        } else if wake {
-            self.switch.task.wake();
         }
         Push::Queued
     }
@@ -255,7 +242,7 @@ mod tests {
     use std::future::Future;
 
     #[test]
-    fn a_push_wakes_the_task_only_when_it_waits_for_frames_or_must_hurry() {
+    fn a_push_wakes_nobody_raises_the_urge_at_half_and_closes_the_socket_when_full() {
         let wakes = Arc::new(CountingWaker::default());
         let waker = waker(wakes.clone());
         let mut cx = Context::from_waker(&waker);
@@ -263,30 +250,26 @@ mod tests {
         let switch = Arc::new(CloseSwitch::default());
         let (outbox, inbox) = Outbox::new(8, switch.clone());
 
-        assert!(inbox.poll_ready(&mut cx).is_pending());
-        assert_eq!(outbox.push(Frame::text("1")), Push::Queued);
-        assert_eq!(count(), 1, "a waiting task is woken by the first frame");
-        assert!(inbox.poll_ready(&mut cx).is_ready());
-
-        // Not waiting (say, lingering): more frames do not wake it...
-        for n in 2..4 {
-            outbox.push(Frame::text(&n.to_string()));
-        }
-        assert_eq!(count(), 1);
+        assert!(inbox.is_empty());
         let mut urged = std::pin::pin!(switch.urged());
-        assert!(urged.as_mut().poll(&mut cx).is_pending());
-        // ...until the queue is half full.
-        outbox.push(Frame::text("4"));
-        assert_eq!(count(), 2);
-        assert!(urged.as_mut().poll(&mut cx).is_ready());
-
         let mut closed = std::pin::pin!(switch.closed());
+        assert!(urged.as_mut().poll(&mut cx).is_pending());
         assert!(closed.as_mut().poll(&mut cx).is_pending());
+        for n in 1..4 {
+            assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
+        }
+        assert_eq!(inbox.len(), 3);
+        assert!(urged.as_mut().poll(&mut cx).is_pending(), "below half: no urge");
+        // The fourth frame fills half the queue: the urge is raised for the loop to see, and
+        // the task, which is the one pushing, is not woken.
+        outbox.push(Frame::text("4"));
+        assert!(urged.as_mut().poll(&mut cx).is_ready());
+        assert_eq!(count(), 0, "the socket's own pushes wake nobody");
+
         for n in 5..=8 {
             assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
         }
         assert_eq!(outbox.push(Frame::text("9")), Push::SlowConsumer);
-        assert_eq!(count(), 3, "closing wakes the task");
         assert_eq!(closed.as_mut().poll(&mut cx), Poll::Ready(CloseCode::SlowConsumer));
 
         let mut batch = VecDeque::new();
