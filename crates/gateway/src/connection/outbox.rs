@@ -29,15 +29,16 @@ use std::task::{Context, Poll};
 /// Identifies one socket for the life of the process.
 pub type ConnId = u64;
 
-/// Shared between a socket's task and everyone who may ask it to close (the hub when the queue
-/// is full, the node's roster at shutdown), with the queue's call to write without lingering.
-/// Also holds the task's waker, which every signal of this module wakes.
+/// Shared between a socket's task and everyone who may ask it to close (the hub for a slow
+/// consumer, the node's roster at shutdown) or to write without lingering (the hub when a
+/// channel falls behind, the reply queue when half full). Also holds the task's waker, which
+/// every signal from outside the task wakes.
 #[derive(Debug, Default)]
 pub struct CloseSwitch {
     reason: AtomicU8,
-    /// Set when the queue reaches half its capacity: stop lingering, write now.
+    /// Set when the socket should stop lingering and write now.
     urge: AtomicBool,
-    /// The socket's task, waiting for frames, the urge or a close.
+    /// The socket's task, waiting for a channel's message, the urge or a close.
     task: AtomicWaker,
 }
 
@@ -193,11 +194,12 @@ impl Outbox {
     /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer";
     /// a queue that reaches half its capacity raises the urge (stop lingering, write now).
     ///
-    /// Only the socket's own task pushes, while it runs, and its loop polls the queue and the
-    /// urge again before it waits, so a push wakes nobody. (Waking the running task, as a push
+    /// Only the socket's own task pushes (hence `pub(super)`: the socket's loop), while it runs,
+    /// and its loop polls the queue and the urge again before it waits, so a push wakes nobody
+    /// (but a push that overflows closes the socket, which wakes it like any close). (Waking the running task, as a push
     /// did, made the runtime poll it once more for nothing, and wake an idle worker thread for
     /// that: one futex call and context switch per subscribe answered.)
-    pub fn push(&self, frame: Frame) -> Push {
+    pub(super) fn push(&self, frame: Frame) -> Push {
         let len = {
             let mut state = self.queue.state.lock();
             if state.frames.len() >= self.queue.capacity {
@@ -269,7 +271,9 @@ mod tests {
         for n in 5..=8 {
             assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
         }
+        assert_eq!(count(), 0);
         assert_eq!(outbox.push(Frame::text("9")), Push::SlowConsumer);
+        assert_eq!(count(), 1, "closing wakes the task");
         assert_eq!(closed.as_mut().poll(&mut cx), Poll::Ready(CloseCode::SlowConsumer));
 
         let mut batch = VecDeque::new();
