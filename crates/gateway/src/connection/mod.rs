@@ -203,8 +203,9 @@ impl Socket {
                         // A write that made the socket busy starts its linger, so that a linger
                         // with nothing to write at its end can find it quiet again. A busy
                         // socket that cannot linger after it wrote (replies alone, a whole linger
-                        // after its last message) is quiet already.
-                        if !self.start_linger(linger_over.as_mut()) && !self.rx.is_half_full() {
+                        // after its last message) is quiet already. (The write took every queued
+                        // reply, and only this task queues them, so the queue is empty here.)
+                        if !self.start_linger(linger_over.as_mut()) {
                             self.linger.quiet();
                         }
                     }

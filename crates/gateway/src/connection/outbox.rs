@@ -195,10 +195,10 @@ impl Outbox {
     /// a queue that reaches half its capacity raises the urge (stop lingering, write now).
     ///
     /// Only the socket's own task pushes (hence `pub(super)`: the socket's loop), while it runs,
-    /// and its loop polls the queue and the urge again before it waits, so a push wakes nobody
-    /// (but a push that overflows closes the socket, which wakes it like any close). (Waking the running task, as a push
-    /// did, made the runtime poll it once more for nothing, and wake an idle worker thread for
-    /// that: one futex call and context switch per subscribe answered.)
+    /// and its loop polls the queue and the urge again before it waits, so a push wakes nobody;
+    /// a push that overflows closes the socket, which wakes it like any close. Waking the
+    /// running task, as a push did, made the runtime poll it once more for nothing and wake an
+    /// idle worker thread for that: one futex call and context switch per subscribe answered.
     pub(super) fn push(&self, frame: Frame) -> Push {
         let len = {
             let mut state = self.queue.state.lock();
