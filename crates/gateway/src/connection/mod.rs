@@ -40,7 +40,7 @@ use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::future::Future;
 use std::io::{self, IoSlice};
-use std::pin::Pin;
+use std::pin::{Pin, pin};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
@@ -196,16 +196,17 @@ impl Socket {
                 biased;
                 reason = switch.closed() => return Exit::Close(reason),
                 () = ready(&self.rx, &self.readers), if !self.lingering => {
-                    if !self.start_linger(linger_over.as_mut()) {
-                        if let Err(exit) = Box::pin(self.write_batch(true)).await {
-                            return exit;
-                        }
+                    if !self.start_linger(linger_over.as_mut(), Instant::now()) {
+                        let wrote_at = match self.write_batch(true).await {
+                            Ok(at) => at,
+                            Err(exit) => return exit,
+                        };
                         // A write that made the socket busy starts its linger, so that a linger
                         // with nothing to write at its end can find it quiet again. A busy
                         // socket that cannot linger after it wrote (replies alone, a whole linger
                         // after its last message) is quiet already. (The write took every queued
                         // reply, and only this task queues them, so the queue is empty here.)
-                        if !self.start_linger(linger_over.as_mut()) {
+                        if !self.start_linger(linger_over.as_mut(), wrote_at) {
                             self.linger.quiet();
                         }
                     }
@@ -228,10 +229,10 @@ impl Socket {
                             continue;
                         }
                     }
-                    if let Err(exit) = Box::pin(self.write_batch(true)).await {
-                        return exit;
-                    }
-                    self.start_linger(linger_over.as_mut());
+                    match self.write_batch(true).await {
+                        Ok(wrote_at) => self.start_linger(linger_over.as_mut(), wrote_at),
+                        Err(exit) => return exit,
+                    };
                 }
                 done = poll_pending(&mut self.pending) => {
                     self.pending = None;
@@ -292,17 +293,17 @@ impl Socket {
     /// (see [`linger`]), so that one write carries everything that arrives meanwhile. `None`:
     /// write now (the socket receives rarely, or the queue is already half full). While it
     /// lingers the loop keeps reading, answering and heartbeating; only the queue waits.
-    fn linger_until(&self) -> Option<Instant> {
+    fn linger_until(&self, now: Instant) -> Option<Instant> {
         if self.rx.is_half_full() {
             return None;
         }
-        self.linger.until(Instant::now())
+        self.linger.until(now)
     }
 
-    /// Starts lingering (sets `timer` to the linger's end) if the socket should; returns
-    /// whether it does.
-    fn start_linger(&mut self, timer: Pin<&mut Sleep>) -> bool {
-        let Some(flush_at) = self.linger_until() else { return false };
+    /// Starts lingering (sets `timer` to the linger's end) if the socket should at `now` (the
+    /// time a write just ended, or the current time); returns whether it does.
+    fn start_linger(&mut self, timer: Pin<&mut Sleep>, now: Instant) -> bool {
+        let Some(flush_at) = self.linger_until(now) else { return false };
         // An urge from before this write is answered by it.
         self.switch.clear_urge();
         self.lingering = true;
@@ -310,21 +311,59 @@ impl Socket {
         true
     }
 
-    /// Writes everything queued, in as few writes as the batch allows. With
-    /// `abortable`, a close asked meanwhile (the queue overflowed while the peer stalled the
-    /// write) ends the write at once; the batch keeps what was not written.
-    async fn write_batch(&mut self, abortable: bool) -> Result<(), Exit> {
-        let write_timeout = self.node.config().write_timeout;
-        let Self { ws, rx, readers, switch, batch, cut, control_owed, .. } = self;
+    /// Writes everything queued, in as few writes as the batch allows, and returns when the
+    /// write ended. Most writes finish at once (the connection takes the whole batch): those
+    /// are done within the current poll, with nothing allocated and no timer armed. A write that
+    /// would wait goes on in [`Socket::write_waiting`].
+    async fn write_batch(&mut self, abortable: bool) -> Result<Instant, Exit> {
         // Replies first, then each channel's messages: a subscribe's `ok` goes out before the
         // channel's first message.
-        rx.drain_into(batch);
+        self.rx.drain_into(&mut self.batch);
         let mut messages = 0;
-        for (_, reader) in readers.iter_mut() {
+        for (_, reader) in self.readers.iter_mut() {
             messages += reader.mark() as u64;
         }
-        let frames = batch.len() as u64 + messages;
-        let metrics = self.node.metrics();
+        let frames = self.batch.len() as u64 + messages;
+        let wrote = match self.write_at_once().await {
+            Some(Ok(())) => Ok(()),
+            Some(Err(_)) => Err(Exit::Gone("write_error")),
+            None => Box::pin(self.write_waiting(abortable)).await,
+        };
+        let now = Instant::now();
+        self.linger.wrote(messages, now);
+        if self.batch.capacity() > KEPT_BATCH_CAPACITY {
+            self.batch.shrink_to(KEPT_BATCH_CAPACITY);
+        }
+        wrote?;
+        self.node.metrics().writes.record(frames);
+        Ok(now)
+    }
+
+    /// Writes the batch if the connection takes all of it without waiting, within one poll.
+    /// `None`: it would wait (or a pong the WebSocket layer owes must go first); whatever was
+    /// written is already taken off the batch and the readers, and `cut` says where it stopped.
+    async fn write_at_once(&mut self) -> Option<io::Result<()>> {
+        if self.control_owed {
+            return None;
+        }
+        let Self { ws, readers, batch, cut, .. } = self;
+        std::future::poll_fn(|cx| {
+            // Dropped before this poll returns: the write leaves no state behind but `cut`.
+            let write = pin!(write_frames(ws.get_mut(), batch, readers, cut, usize::MAX));
+            Poll::Ready(match write.poll(cx) {
+                Poll::Ready(wrote) => Some(wrote),
+                Poll::Pending => None,
+            })
+        })
+        .await
+    }
+
+    /// Finishes writing the batch, waiting for the connection, for at most `--write-timeout`.
+    /// With `abortable`, a close asked meanwhile (the queue overflowed while the peer stalled the
+    /// write) ends the write at once; the batch keeps what was not written.
+    async fn write_waiting(&mut self, abortable: bool) -> Result<(), Exit> {
+        let write_timeout = self.node.config().write_timeout;
+        let Self { ws, readers, switch, batch, cut, control_owed, .. } = self;
         let write = async {
             timeout(write_timeout, async {
                 // What the WebSocket layer holds (a pong it owes) goes out first, whole, so that
@@ -342,16 +381,8 @@ impl Socket {
             reason = switch.closed(), if abortable => return Err(Exit::Close(reason)),
             wrote = write => wrote,
         };
-        self.linger.wrote(messages, Instant::now());
-        if self.batch.capacity() > KEPT_BATCH_CAPACITY {
-            self.batch.shrink_to(KEPT_BATCH_CAPACITY);
-        }
         match wrote {
-            Ok(Ok(())) => {
-                metrics.frames_sent.inc_by(frames);
-                metrics.write_batch.observe(frames as f64);
-                Ok(())
-            }
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(Exit::Gone("write_error")),
             Err(_) => Err(Exit::Gone("write_timeout")),
         }

@@ -1,7 +1,12 @@
 //! Prometheus metrics: one typed [`Metrics`] struct with its own registry.
 //!
 //! No global registry, so several nodes can live in one test process. Labels come only from
-//! closed sets (reasons, codes, limits), never from channel names or client input.
+//! closed sets (reasons, codes, limits), never from channel names or client input. The two
+//! metrics every socket write updates are kept per thread ([`writes`]).
+
+pub mod writes;
+
+pub use writes::WriteStats;
 
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
@@ -17,8 +22,9 @@ pub struct Metrics {
     pub disconnects: IntCounterVec,
     /// Frames read from sockets.
     pub frames_received: IntCounter,
-    /// Frames written to sockets.
-    pub frames_sent: IntCounter,
+    /// Frames written to sockets, and frames per write (`gateway_frames_sent_total`,
+    /// `gateway_write_batch_frames`).
+    pub writes: WriteStats,
     /// Messages accepted for publishing, by source (`ws`, `http`).
     pub messages_published: IntCounterVec,
     /// Message frames queued to local subscribers.
@@ -29,8 +35,6 @@ pub struct Metrics {
     pub channels: IntGauge,
     /// Time from a publish request to the backplane accepting it.
     pub publish_latency: Histogram,
-    /// Frames written per flush (write coalescing).
-    pub write_batch: Histogram,
     /// Steadily busy sockets, counted in the write budget (see `--write-linger` and `--write-rate`).
     pub busy_sockets: IntGauge,
     /// 1 while the backplane is connected and its probe comes back.
@@ -87,12 +91,8 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("latency histogram: {e}"));
         registry.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));
-        let write_batch = Histogram::with_opts(
-            HistogramOpts::new("gateway_write_batch_frames", "Frames written to one socket per flush.")
-                .buckets(vec![1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0, 1024.0]),
-        )
-        .unwrap_or_else(|e| panic!("write batch histogram: {e}"));
-        registry.register(Box::new(write_batch.clone())).unwrap_or_else(|e| panic!("write batch histogram: {e}"));
+        let writes = WriteStats::new();
+        registry.register(Box::new(writes.clone())).unwrap_or_else(|e| panic!("write stats: {e}"));
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
@@ -115,7 +115,7 @@ impl Metrics {
                 "reason",
             ),
             frames_received: counter(r, "gateway_frames_received_total", "Frames read from sockets."),
-            frames_sent: counter(r, "gateway_frames_sent_total", "Frames written to sockets."),
+            writes,
             messages_published: counter_vec(
                 r,
                 "gateway_messages_published_total",
@@ -135,7 +135,6 @@ impl Metrics {
             ),
             channels: gauge(r, "gateway_channels", "Channels with at least one local subscriber."),
             publish_latency: latency,
-            write_batch,
             busy_sockets: gauge(
                 r,
                 "gateway_busy_sockets",
