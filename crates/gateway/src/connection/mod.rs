@@ -653,9 +653,14 @@ async fn write_frames(
     cut: &mut Cut,
     mut limit: usize,
 ) -> io::Result<()> {
-    // A channel's frame cut mid-way is finished first, alone: replies queued since then would
-    // otherwise come before it. (A cut write ends the socket, so its readers are as they were.)
-    if let Some(index) = cut.reader {
+    // A channel's frame cut mid-way is finished first. If it is still the first in line (a write
+    // that would have waited goes on, see `Socket::write_at_once`), the writes below resume it in
+    // place, with what follows it. Otherwise (replies queued since, as the socket closes) it is
+    // finished alone, or they would come before it. (Its reader was not marked again since.)
+    let first_in_line = |index: usize, batch: &VecDeque<Frame>, readers: &[(ChannelName, Reader)]| {
+        batch.is_empty() && readers.iter().take(index).all(|(_, reader)| !reader.has_marked())
+    };
+    if let Some(index) = cut.reader.filter(|&index| !first_in_line(index, batch, readers)) {
         let Some((_, reader)) = readers.get_mut(index) else {
             return Err(io::Error::other("the channel of a frame cut mid-way is gone"));
         };
@@ -952,6 +957,32 @@ mod tests {
         assert_eq!(texts(&io.wire), ["reply".to_owned(), large(0), large(1), large(2)]);
         assert_eq!(io.pieces[0], 4, "the first write is given the four frames in place");
         assert!(!readers[0].1.has_unread() && batch.is_empty());
+    }
+
+    #[test]
+    fn a_write_that_would_wait_mid_frame_resumes_in_place_with_what_follows_in_one_write() {
+        let feed = Arc::new(Feed::new());
+        let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
+        for n in 0..3 {
+            feed.append(&Frame::text(&format!("message {n}")));
+        }
+        let mut batch = VecDeque::new();
+        readers[0].1.mark();
+        let mut cut = Cut::default();
+        // The connection takes 15 bytes (inside the second message), then would wait.
+        let mut io = Throttled { wire: Vec::new(), per_write: usize::MAX, budget: 15, pieces: Vec::new() };
+        assert!(write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never().is_none());
+        assert_eq!((cut.reader, cut.written), (Some(0), 4));
+        assert_eq!(io.pieces.len(), 1);
+
+        // Nothing was queued in front of it: the rest of that frame and the next go in one write.
+        io.budget = usize::MAX;
+        let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut cut, usize::MAX).now_or_never();
+        assert!(matches!(wrote, Some(Ok(()))));
+        assert_eq!(texts(&io.wire), ["message 0", "message 1", "message 2"]);
+        assert_eq!(io.pieces.len(), 2, "resumed in one write: {:?}", io.pieces);
+        assert!(!readers[0].1.has_unread());
+        assert_eq!((cut.reader, cut.written), (None, 0));
     }
 
     #[test]

@@ -217,6 +217,11 @@ impl Reader {
         usize::try_from(self.end - self.next).unwrap_or(usize::MAX)
     }
 
+    /// Whether a message up to the mark is not written yet.
+    pub fn has_marked(&self) -> bool {
+        self.end > self.next
+    }
+
     /// The messages up to the mark not written yet, in order, borrowed from the feed.
     pub fn marked(&self) -> Marked<'_> {
         Marked { chunk: &self.chunk, next: self.next, end: self.end }
