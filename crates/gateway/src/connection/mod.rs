@@ -144,8 +144,8 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
     };
     socket.node.metrics().disconnects.with_label_values(&[label]).inc();
     tracing::debug!(conn, reason = label, "socket closing");
-    // Boxed, like the writes below: the task's future stays small for idle sockets, and these
-    // states are short-lived.
+    // Boxed, like a write that must wait: the task's future stays small for idle sockets, and
+    // these states are short-lived.
     Box::pin(socket.finish(exit)).await;
 }
 
@@ -348,7 +348,8 @@ impl Socket {
         }
         let Self { ws, readers, batch, cut, .. } = self;
         std::future::poll_fn(|cx| {
-            // Dropped before this poll returns: the write leaves no state behind but `cut`.
+            // Dropped before this poll returns: what it wrote is recorded in the batch, the readers
+            // and `cut`, and it holds nothing else.
             let write = pin!(write_frames(ws.get_mut(), batch, readers, cut, usize::MAX));
             Poll::Ready(match write.poll(cx) {
                 Poll::Ready(wrote) => Some(wrote),
@@ -633,7 +634,8 @@ impl Socket {
     }
 }
 
-/// Where a write that was cut short (cancelled, timed out) stopped.
+/// Where a write that was cut short stopped: one that would have waited (it goes on in
+/// `Socket::write_waiting`), or one cancelled or timed out (the socket is closing).
 #[derive(Debug, Default)]
 struct Cut {
     /// Bytes of the first unwritten frame already out.
@@ -655,10 +657,12 @@ async fn write_frames(
 ) -> io::Result<()> {
     // A channel's frame cut mid-way is finished first. If it is still the first in line (a write
     // that would have waited goes on, see `Socket::write_at_once`), the writes below resume it in
-    // place, with what follows it. Otherwise (replies queued since, as the socket closes) it is
-    // finished alone, or they would come before it. (Its reader was not marked again since.)
+    // place, with what follows it. Otherwise (replies were queued in front of it) it is finished
+    // alone, or they would come before it.
     let first_in_line = |index: usize, batch: &VecDeque<Frame>, readers: &[(ChannelName, Reader)]| {
-        batch.is_empty() && readers.iter().take(index).all(|(_, reader)| !reader.has_marked())
+        batch.is_empty()
+            && readers.get(index).is_some_and(|(_, reader)| reader.has_marked())
+            && readers.iter().take(index).all(|(_, reader)| !reader.has_marked())
     };
     if let Some(index) = cut.reader.filter(|&index| !first_in_line(index, batch, readers)) {
         let Some((_, reader)) = readers.get_mut(index) else {

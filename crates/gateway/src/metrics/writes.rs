@@ -6,7 +6,9 @@
 //! updates of the same few cache lines from both cores, which bounced between them: 6-9 % of a
 //! node's CPU at 1000 subscribers and 1000 messages a second (docs/benchmarks.md). Here each
 //! thread adds to a stripe of its own, one cache line that stays with its core, and a scrape
-//! sums the stripes. Exact, like the prometheus types: nothing is batched or dropped.
+//! sums the stripes. Every write is counted when it is recorded: nothing is batched or dropped.
+//! Unlike prometheus's histogram, a scrape is not one snapshot: a write recorded while the
+//! stripes are summed may show in its bucket and not yet in the frames (never the reverse).
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
@@ -16,8 +18,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 
 /// Upper bounds of the batch histogram's buckets, in frames (a `+Inf` bucket follows).
 const BOUNDS: [u64; 10] = [1, 2, 4, 8, 16, 32, 64, 128, 256, 1024];
-/// Stripes: more than a node has worker threads, so that threads rarely share one.
-const STRIPES: usize = 16;
+/// Fewest stripes; a machine with more cores gets one per core, so that worker threads (one per
+/// core by default) rarely share one.
+const MIN_STRIPES: usize = 16;
 
 /// One thread's share of the counts, alone on its cache lines.
 #[derive(Debug, Default)]
@@ -32,7 +35,7 @@ struct Stripe {
 /// Frames written to sockets, and how many each write carried. Cheap to clone (shared).
 #[derive(Debug, Clone)]
 pub struct WriteStats {
-    stripes: Arc<[Stripe; STRIPES]>,
+    stripes: Arc<[Stripe]>,
     frames_desc: Desc,
     batch_desc: Desc,
 }
@@ -46,8 +49,9 @@ impl WriteStats {
             Desc::new(name.into(), help.into(), Vec::new(), HashMap::new())
                 .unwrap_or_else(|e| panic!("metric {name}: {e}"))
         };
+        let cores = std::thread::available_parallelism().map_or(1, usize::from);
         Self {
-            stripes: Arc::default(),
+            stripes: (0..cores.max(MIN_STRIPES)).map(|_| Stripe::default()).collect(),
             frames_desc: desc("gateway_frames_sent_total", "Frames written to sockets."),
             batch_desc: desc("gateway_write_batch_frames", "Frames written to one socket per flush."),
         }
@@ -55,10 +59,11 @@ impl WriteStats {
 
     /// Records one write that carried `frames` frames.
     pub fn record(&self, frames: u64) {
-        let stripe = &self.stripes[stripe_of_this_thread()];
+        let stripe = &self.stripes[thread_ticket() % self.stripes.len()];
         stripe.frames.fetch_add(frames, Ordering::Relaxed);
         let bucket = BOUNDS.iter().position(|&bound| frames <= bound).unwrap_or(BOUNDS.len());
-        stripe.writes[bucket].fetch_add(1, Ordering::Relaxed);
+        // Release: a scrape that sees this write in its bucket sees its frames too.
+        stripe.writes[bucket].fetch_add(1, Ordering::Release);
     }
 
     /// Frames written so far.
@@ -71,7 +76,7 @@ impl WriteStats {
         let mut writes = [0; BOUNDS.len() + 1];
         for stripe in self.stripes.iter() {
             for (total, count) in writes.iter_mut().zip(&stripe.writes) {
-                *total += count.load(Ordering::Relaxed);
+                *total += count.load(Ordering::Acquire);
             }
         }
         writes
@@ -84,14 +89,15 @@ impl Default for WriteStats {
     }
 }
 
-/// The stripe the calling thread adds to: threads take stripes in turn as they first write.
-fn stripe_of_this_thread() -> usize {
+/// The calling thread's number, given in turn as threads first write: threads take stripes in
+/// turn.
+fn thread_ticket() -> usize {
     static NEXT: AtomicUsize = AtomicUsize::new(0);
     thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
+        static TICKET: usize = NEXT.fetch_add(1, Ordering::Relaxed);
     }
     // A thread whose locals are being torn down shares the first stripe.
-    STRIPE.try_with(|stripe| *stripe).unwrap_or(0)
+    TICKET.try_with(|ticket| *ticket).unwrap_or(0)
 }
 
 impl Collector for WriteStats {
@@ -100,8 +106,8 @@ impl Collector for WriteStats {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        // Read the buckets first: a write recorded meanwhile may then count in the frames and
-        // not yet in the histogram, never the other way round.
+        // The buckets first: a write recorded meanwhile may then count in the frames and not yet
+        // in the histogram, never the other way round (see `record`).
         let writes = self.writes();
         let frames = self.frames();
 
