@@ -945,16 +945,27 @@ mod tests {
         texts
     }
 
-    #[test]
-    fn frames_too_large_to_join_are_written_in_place_whole_and_in_order() {
+    /// A channel's feed holding `messages`, and one socket's reader of it with all of them
+    /// marked for its next write.
+    fn one_channel(messages: &[String]) -> (Arc<Feed>, Vec<(ChannelName, Reader)>) {
         let feed = Arc::new(Feed::new());
         let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
-        let large = |n: usize| format!("{n}{}", "x".repeat(MAX_JOINED_BYTES / 2));
-        for n in 0..3 {
-            feed.append(&Frame::text(&large(n)));
+        for message in messages {
+            feed.append(&Frame::text(message));
         }
-        let mut batch = VecDeque::from([Frame::text("reply")]);
         readers[0].1.mark();
+        (feed, readers)
+    }
+
+    fn numbered(count: usize) -> Vec<String> {
+        (0..count).map(|n| format!("message {n}")).collect()
+    }
+
+    #[test]
+    fn frames_too_large_to_join_are_written_in_place_whole_and_in_order() {
+        let large = |n: usize| format!("{n}{}", "x".repeat(MAX_JOINED_BYTES / 2));
+        let (_feed, mut readers) = one_channel(&[large(0), large(1), large(2)]);
+        let mut batch = VecDeque::from([Frame::text("reply")]);
         let mut io = Throttled { wire: Vec::new(), per_write: 5000, budget: usize::MAX, pieces: Vec::new() };
         let wrote = write_frames(&mut io, &mut batch, &mut readers, &mut Cut::default(), usize::MAX).now_or_never();
         assert!(matches!(wrote, Some(Ok(()))));
@@ -965,13 +976,8 @@ mod tests {
 
     #[test]
     fn a_write_that_would_wait_mid_frame_resumes_in_place_with_what_follows_in_one_write() {
-        let feed = Arc::new(Feed::new());
-        let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
-        for n in 0..3 {
-            feed.append(&Frame::text(&format!("message {n}")));
-        }
+        let (_feed, mut readers) = one_channel(&numbered(3));
         let mut batch = VecDeque::new();
-        readers[0].1.mark();
         let mut cut = Cut::default();
         // The connection takes 15 bytes (inside the second message), then would wait.
         let mut io = Throttled { wire: Vec::new(), per_write: usize::MAX, budget: 15, pieces: Vec::new() };
@@ -991,13 +997,8 @@ mod tests {
 
     #[test]
     fn a_write_cut_inside_a_channels_frame_finishes_that_frame_before_anything_queued_since() {
-        let feed = Arc::new(Feed::new());
-        let mut readers = vec![(ChannelName::new("a").expect("valid"), feed.reader(Arc::default()))];
-        for n in 0..3 {
-            feed.append(&Frame::text(&format!("message {n}")));
-        }
+        let (feed, mut readers) = one_channel(&numbered(3));
         let mut batch = VecDeque::from([Frame::text("reply 0")]);
-        readers[0].1.mark();
         let mut cut = Cut::default();
         // The peer stalls 9 bytes into the third message; the write is then abandoned.
         let mut io = Throttled { wire: Vec::new(), per_write: 7, budget: 9 + 11 + 20, pieces: Vec::new() };
