@@ -655,15 +655,9 @@ async fn write_frames(
     cut: &mut Cut,
     mut limit: usize,
 ) -> io::Result<()> {
-    // A channel's frame cut mid-way is finished first. If it is still the first in line (a write
-    // that would have waited goes on, see `Socket::write_at_once`), the writes below resume it in
-    // place, with what follows it. Otherwise (replies were queued in front of it) it is finished
-    // alone, or they would come before it.
-    let first_in_line = |index: usize, batch: &VecDeque<Frame>, readers: &[(ChannelName, Reader)]| {
-        batch.is_empty()
-            && readers.get(index).is_some_and(|(_, reader)| reader.has_marked())
-            && readers.iter().take(index).all(|(_, reader)| !reader.has_marked())
-    };
+    // A channel's frame cut mid-way is finished first: in place, with what follows it, if it is
+    // still first in line (see `first_in_line`); otherwise alone, or the replies queued in front
+    // of it would come before it.
     if let Some(index) = cut.reader.filter(|&index| !first_in_line(index, batch, readers)) {
         let Some((_, reader)) = readers.get_mut(index) else {
             return Err(io::Error::other("the channel of a frame cut mid-way is gone"));
@@ -713,6 +707,15 @@ async fn write_frames(
         }
     }
     Ok(())
+}
+
+/// Whether the frame cut mid-way in reader `index`'s messages is the first a write would take
+/// (nothing queued in front of it): then the write resumes it in place. That is the case when a
+/// write that would have waited goes on (see `Socket::write_at_once`).
+fn first_in_line(index: usize, batch: &VecDeque<Frame>, readers: &[(ChannelName, Reader)]) -> bool {
+    batch.is_empty()
+        && readers.get(index).is_some_and(|(_, reader)| reader.has_marked())
+        && readers.iter().take(index).all(|(_, reader)| !reader.has_marked())
 }
 
 thread_local! {

@@ -8,7 +8,7 @@
 //! thread adds to a stripe of its own, one cache line that stays with its core, and a scrape
 //! sums the stripes. Every write is counted when it is recorded: nothing is batched or dropped.
 //! Unlike prometheus's histogram, a scrape is not one snapshot: a write recorded while the
-//! stripes are summed may show in its bucket and not yet in the frames (never the reverse).
+//! stripes are summed may count in the frames and not yet in its bucket (never the reverse).
 
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::{self, MetricFamily, MetricType};
