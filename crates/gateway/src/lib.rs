@@ -5,7 +5,8 @@
 //! - [`node`]: the [`Node`]; hub, backplane, metrics, readiness, shutdown tree, and the
 //!   subscribe / unsubscribe / publish lifecycle.
 //! - [`hub`]: local routing, channel -> this node's subscribers, sharded.
-//! - [`connection`]: one socket's life; [`connection::outbox`] is its bounded outgoing queue.
+//! - [`connection`]: one socket's life; [`connection::outbox`] holds its bounded reply
+//!   queue and its close switch.
 //! - [`backplane`]: the [`Backplane`](backplane::Backplane) seam, with in-memory and Redis
 //!   implementations.
 //! - [`http`]: the router (`/ws`, `/api/publish`, `/metrics`, `/healthz`, `/readyz`) and the

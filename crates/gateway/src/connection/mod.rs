@@ -1,9 +1,9 @@
 //! One socket's life, from upgrade to close, in one task.
 //!
 //! A single `select!` loop plays both pumps of the classic design: it reads client frames and
-//! turns them into node calls, and it writes the socket's replies (queued in its [`Outbox`]) and
-//! its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every frame,
-//! already encoded, goes straight to the connection, many per write; a busy socket first lets
+//! turns them into node calls, and it writes the socket's replies (queued in its [`Replies`])
+//! and its channels' messages (read from each channel's feed, see [`crate::hub::feed`]): every
+//! frame, already encoded, goes straight to the connection, many per write; a busy socket first lets
 //! `--write-linger` pass since its last write (see [`linger`]), so one write carries more.
 //! Reading, control frames and the close handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
@@ -27,14 +27,14 @@ pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
 
 use crate::hub::feed::Reader;
 use crate::node::{CommandError, Node, Published, Source};
-use futures_util::task::{ArcWake, AtomicWaker, waker_ref};
+use futures_util::task::waker_ref;
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use linger::Linger;
-use outbox::{CloseSwitch, ConnId, Frame, Inbox, Outbox};
+use outbox::{CloseSwitch, ConnId, Frame, Replies};
 use session::Budget;
 use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
@@ -42,7 +42,6 @@ use std::future::Future;
 use std::io::{self, IoSlice};
 use std::pin::{Pin, pin};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
@@ -116,15 +115,13 @@ enum Exit {
 pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
     let conn = node.next_conn_id();
     let switch = Arc::new(CloseSwitch::default());
-    let (outbox, rx) = Outbox::new(node.config().queue_size, switch.clone());
+    let replies = Replies::new(node.config().queue_size, switch.clone());
     let registration = Registration::new(node.clone(), conn, switch.clone());
     let mut socket = Socket {
         ws,
-        read_wake: Arc::new(ReadWake { woken: AtomicBool::new(true), task: AtomicWaker::new() }),
-        rx,
+        replies,
         linger: Linger::new(node.config().write_linger, node.write_budget().clone()),
         node,
-        outbox,
         switch,
         registration,
         session,
@@ -151,11 +148,9 @@ pub async fn run(ws: WsStream, node: Arc<Node>, session: Session) {
 
 struct Socket {
     ws: WsStream,
-    /// Says whether the connection's read side has woken the task (see [`next_frame`]).
-    read_wake: Arc<ReadWake>,
-    rx: Inbox,
+    /// Replies waiting for the next write.
+    replies: Replies,
     node: Arc<Node>,
-    outbox: Outbox,
     switch: Arc<CloseSwitch>,
     registration: Registration,
     session: Session,
@@ -195,7 +190,7 @@ impl Socket {
             tokio::select! {
                 biased;
                 reason = switch.closed() => return Exit::Close(reason),
-                () = ready(&self.rx, &self.readers), if !self.lingering => {
+                () = ready(&self.replies, &self.readers), if !self.lingering => {
                     if !self.start_linger(linger_over.as_mut(), Instant::now()) {
                         let wrote_at = match self.write_batch(true).await {
                             Ok(at) => at,
@@ -225,7 +220,7 @@ impl Socket {
                         if linger_over.is_elapsed() {
                             self.linger.quiet();
                         }
-                        if self.rx.is_empty() {
+                        if self.replies.is_empty() {
                             continue;
                         }
                     }
@@ -246,8 +241,8 @@ impl Socket {
                 }
                 // Reading pauses while our own queue is half full, so a client that pipelines faster
                 // than its replies can be written is slowed down instead of overflowing its queue.
-                incoming = next_frame(&mut self.ws, &self.read_wake),
-                    if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && !self.rx.is_half_full() =>
+                incoming = next_frame(&mut self.ws, &self.switch),
+                    if self.pending.is_none() && self.publishes.len() < MAX_IN_FLIGHT && !self.replies.is_half_full() =>
                 {
                     last_seen = Instant::now();
                     match incoming {
@@ -294,7 +289,7 @@ impl Socket {
     /// write now (the socket receives rarely, or the queue is already half full). While it
     /// lingers the loop keeps reading, answering and heartbeating; only the queue waits.
     fn linger_until(&self, now: Instant) -> Option<Instant> {
-        if self.rx.is_half_full() {
+        if self.replies.is_half_full() {
             return None;
         }
         self.linger.until(now)
@@ -318,7 +313,7 @@ impl Socket {
     async fn write_batch(&mut self, abortable: bool) -> Result<Instant, Exit> {
         // Replies first, then each channel's messages: a subscribe's `ok` goes out before the
         // channel's first message.
-        self.rx.drain_into(&mut self.batch);
+        self.replies.drain_into(&mut self.batch);
         let mut messages = 0;
         for (_, reader) in self.readers.iter_mut() {
             messages += reader.mark() as u64;
@@ -399,16 +394,16 @@ impl Socket {
     }
 
     /// Queues a reply behind whatever is already queued (a full queue closes the socket).
-    fn reply(&self, text: String) {
-        self.outbox.push(Frame::text(&text));
+    fn reply(&mut self, text: String) {
+        self.replies.push(Frame::text(&text));
     }
 
-    fn reply_error(&self, id: Option<&FrameId>, code: ErrorCode, message: &str) {
+    fn reply_error(&mut self, id: Option<&FrameId>, code: ErrorCode, message: &str) {
         self.node.metrics().bad_frames.with_label_values(&[code.as_str()]).inc();
         self.reply(encode_error(id.map(FrameId::raw), code, message));
     }
 
-    fn reply_ok(&self, id: Option<&FrameId>) {
+    fn reply_ok(&mut self, id: Option<&FrameId>) {
         if let Some(id) = id {
             self.reply(encode_ok(id));
         }
@@ -593,7 +588,7 @@ impl Socket {
             }
         };
         if flush {
-            if (!self.rx.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
+            if (!self.replies.is_empty() || !self.batch.is_empty()) && self.write_batch(false).await.is_err() {
                 return;
             }
         } else if self.cut.written > 0 {
@@ -624,7 +619,7 @@ impl Socket {
             reader.advance(1);
         }
         if everything {
-            self.rx.drain_into(&mut self.batch);
+            self.replies.drain_into(&mut self.batch);
             for (_, reader) in &mut self.readers {
                 reader.take_all(&mut self.batch);
             }
@@ -784,34 +779,19 @@ pub(crate) async fn close_handshake(ws: &mut WsStream, code: CloseCode, write_ti
 
 /// The waker the WebSocket stream's read side is polled with: it wakes the socket's task and
 /// notes that the read side asked for it.
-struct ReadWake {
-    /// The read side woke the task, or returned a frame (more may be buffered) and must be
-    /// polled again.
-    woken: AtomicBool,
-    task: AtomicWaker,
-}
-
-impl ArcWake for ReadWake {
-    fn wake_by_ref(arc_self: &Arc<Self>) {
-        arc_self.woken.store(true, Ordering::Release);
-        arc_self.task.wake();
-    }
-}
-
 /// The next frame from the client. The stream is polled only when its read side woke the task
 /// (or returned a frame last time), not on every wake-up: a busy socket wakes mostly for its
 /// writes, and polling the read side each time (the WebSocket layer's waker proxy, the
 /// connection's readiness lock) was a visible share of a fan-out profile.
-async fn next_frame(ws: &mut WsStream, wake: &Arc<ReadWake>) -> Option<Result<Message, tungstenite::Error>> {
+async fn next_frame(ws: &mut WsStream, switch: &Arc<CloseSwitch>) -> Option<Result<Message, tungstenite::Error>> {
     std::future::poll_fn(|cx| {
-        wake.task.register(cx.waker());
-        if !wake.woken.swap(false, Ordering::AcqRel) {
+        if !switch.take_read_wake(cx) {
             return Poll::Pending;
         }
-        let waker = waker_ref(wake);
+        let waker = waker_ref(switch);
         let polled = ws.poll_next_unpin(&mut Context::from_waker(&waker));
         if polled.is_ready() {
-            wake.woken.store(true, Ordering::Release);
+            switch.keep_reading();
         }
         polled
     })
@@ -821,9 +801,9 @@ async fn next_frame(ws: &mut WsStream, wake: &Arc<ReadWake>) -> Option<Result<Me
 /// Resolves once a reply is queued or a channel has a message for the socket, without taking
 /// anything (cancel-safe). Until then, a channel's message wakes the socket's task (a reply is
 /// queued by the task itself, whose loop polls this again before it waits).
-async fn ready(rx: &Inbox, readers: &[(ChannelName, Reader)]) {
+async fn ready(replies: &Replies, readers: &[(ChannelName, Reader)]) {
     std::future::poll_fn(|_: &mut Context<'_>| {
-        if !rx.is_empty() {
+        if !replies.is_empty() {
             return Poll::Ready(());
         }
         for (_, reader) in readers {

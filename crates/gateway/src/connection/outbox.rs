@@ -1,15 +1,15 @@
 //! One socket's bounded queue of replies, and the switch that signals and closes the socket.
 //!
-//! The socket queues its replies (`ok`, `pong`, `error`) in its [`Outbox`] without ever
+//! The socket queues its replies (`ok`, `pong`, `error`) in its [`Replies`] without ever
 //! waiting: a full queue means the client sends commands faster than it reads the answers, so
-//! it is closed as a slow consumer. The socket's task drains the [`Inbox`] before it writes its
+//! it is closed as a slow consumer. The socket's task drains the queue before it writes its
 //! channels' messages. (Messages do not pass through here: each channel has one feed, read by
 //! every subscriber, see [`crate::hub::feed`].)
 //!
-//! The queue is a `VecDeque` behind a short mutex, drained whole by the socket's task. Compared
-//! with tokio's bounded channel it takes no second lock per received frame, and an idle socket's
-//! queue keeps no pre-allocated block. Only the socket's task pushes to it, so a push wakes
-//! nobody (see [`Outbox::push`]).
+//! The queue is a plain `VecDeque` in the socket's task, drained whole: only that task pushes
+//! to it and drains it (the backplane's answers to its publishes come back to the task, which
+//! queues the replies), so there is no lock, no shared allocation, and an idle socket's queue
+//! keeps no pre-allocated block. A push wakes nobody (see [`Replies::push`]).
 //!
 //! Every signal to the socket's task from elsewhere (a channel's message for a waiting socket, a
 //! channel falling behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task
@@ -18,9 +18,8 @@
 //! sockets, that mutex was a node-wide lock on every wake-up.)
 
 pub use super::frame::Frame;
-use futures_util::task::AtomicWaker;
+use futures_util::task::{ArcWake, AtomicWaker};
 use gateway_protocol::CloseCode;
-use parking_lot::Mutex;
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
@@ -32,14 +31,40 @@ pub type ConnId = u64;
 /// Shared between a socket's task and everyone who may ask it to close (the hub for a slow
 /// consumer, the node's roster at shutdown) or to write without lingering (the hub when a
 /// channel falls behind, the reply queue when half full). Also holds the task's waker, which
-/// every signal from outside the task wakes.
-#[derive(Debug, Default)]
+/// every signal from outside the task wakes, and is the waker of the connection's read side (see
+/// [`CloseSwitch::take_read_wake`]): one allocation, one cache line, for everything a socket's
+/// task looks at when it wakes.
+#[derive(Debug)]
 pub struct CloseSwitch {
     reason: AtomicU8,
     /// Set when the socket should stop lingering and write now.
     urge: AtomicBool,
-    /// The socket's task, waiting for a channel's message, the urge or a close.
+    /// The connection's read side woke the task, or returned a frame (more may be buffered):
+    /// it must be polled again.
+    read_woken: AtomicBool,
+    /// The socket's task, waiting for a channel's message, the urge, a close or its client.
     task: AtomicWaker,
+}
+
+impl Default for CloseSwitch {
+    /// Open, not urged, and the read side still to be polled a first time.
+    fn default() -> Self {
+        Self {
+            reason: AtomicU8::new(NO_REASON),
+            urge: AtomicBool::new(false),
+            read_woken: AtomicBool::new(true),
+            task: AtomicWaker::new(),
+        }
+    }
+}
+
+/// The waker the socket's task gives its connection's read side: it notes that the read side
+/// woke, then wakes the task.
+impl ArcWake for CloseSwitch {
+    fn wake_by_ref(arc_self: &Arc<Self>) {
+        arc_self.read_woken.store(true, Ordering::Release);
+        arc_self.task.wake();
+    }
 }
 
 const NO_REASON: u8 = 0;
@@ -104,6 +129,18 @@ impl CloseSwitch {
         std::future::poll_fn(|cx| self.poll_flag(cx, || self.reason())).await
     }
 
+    /// Registers the task's waker (for the next signal), then takes the read side's wake-up:
+    /// whether the connection's read side must be polled, because it woke the task or returned a
+    /// frame last time (see [`CloseSwitch::keep_reading`]). Only the socket's own task calls it.
+    pub fn take_read_wake(&self, cx: &mut Context<'_>) -> bool {
+        self.poll_flag(cx, || self.read_woken.swap(false, Ordering::AcqRel).then_some(())).is_ready()
+    }
+
+    /// The read side returned a frame: poll it again on the next turn, more may be buffered.
+    pub fn keep_reading(&self) {
+        self.read_woken.store(true, Ordering::Release);
+    }
+
     /// Registers the task before reading the flag, so a signal between the two still wakes it.
     fn poll_flag<T>(&self, cx: &mut Context<'_>, read: impl FnOnce() -> Option<T>) -> Poll<T> {
         self.task.register(cx.waker());
@@ -111,68 +148,14 @@ impl CloseSwitch {
     }
 }
 
-/// The sending half of a socket's queue of replies.
+/// A socket's bounded queue of replies, owned by its task: only the task pushes (from its loop)
+/// and drains it, so it needs no lock and no shared allocation.
 #[derive(Debug)]
-pub struct Outbox {
-    queue: Arc<Queue>,
-    switch: Arc<CloseSwitch>,
-}
-
-/// The receiving half of a socket's queue, drained by the socket's task a batch at a time.
-#[derive(Debug)]
-pub struct Inbox {
-    queue: Arc<Queue>,
-}
-
-/// The frames themselves. A short mutex section per push and one per drained batch; an idle
-/// socket's queue holds no allocation beyond its last batch's.
-#[derive(Debug)]
-struct Queue {
-    state: Mutex<Queued>,
-    capacity: usize,
-}
-
-/// What the queue's mutex guards.
-#[derive(Debug, Default)]
-struct Queued {
+pub struct Replies {
     frames: VecDeque<Frame>,
-}
-
-impl Queue {
-    /// The fill level at which the socket stops lingering and stops reading: half the capacity.
-    fn half(&self) -> usize {
-        self.capacity.div_ceil(2)
-    }
-}
-
-impl Inbox {
-    /// Moves every queued frame to the back of `batch`, freeing their room in the queue.
-    pub fn drain_into(&self, batch: &mut VecDeque<Frame>) {
-        let mut state = self.queue.state.lock();
-        if batch.is_empty() {
-            std::mem::swap(&mut state.frames, batch);
-        } else {
-            batch.append(&mut state.frames);
-        }
-    }
-
-    /// Frames waiting in the queue.
-    pub fn len(&self) -> usize {
-        self.queue.state.lock().frames.len()
-    }
-
-    /// Whether no frame waits in the queue. Nothing wakes the task when one is pushed: only the
-    /// socket's own task pushes, from its loop, which looks at the queue again before it waits
-    /// (see [`Outbox::push`]).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// Whether the queue is at least half full: time to write without lingering, and to stop
-    /// reading the client (its replies would queue behind).
-    pub fn is_half_full(&self) -> bool {
-        self.len() >= self.queue.half()
-    }
+    capacity: usize,
+    /// Closed when the queue overflows, urged when it is half full.
+    switch: Arc<CloseSwitch>,
 }
 
 /// What happened to a pushed frame.
@@ -184,36 +167,59 @@ pub enum Push {
     SlowConsumer,
 }
 
-impl Outbox {
+impl Replies {
     /// Creates a queue of `capacity` frames for a socket controlled by `switch`.
-    pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> (Self, Inbox) {
-        let queue = Arc::new(Queue { state: Mutex::default(), capacity });
-        (Self { queue: queue.clone(), switch }, Inbox { queue })
+    pub fn new(capacity: usize, switch: Arc<CloseSwitch>) -> Self {
+        Self { frames: VecDeque::new(), capacity, switch }
     }
 
     /// Queues `frame` without waiting. A full queue closes the socket with 1008 "slow consumer";
     /// a queue that reaches half its capacity raises the urge (stop lingering, write now).
     ///
-    /// Only the socket's own task pushes (hence `pub(super)`: the socket's loop), while it runs,
-    /// and its loop polls the queue and the urge again before it waits, so a push wakes nobody;
-    /// a push that overflows closes the socket, which wakes it like any close. Waking the
-    /// running task, as a push did, made the runtime poll it once more for nothing and wake an
-    /// idle worker thread for that: one futex call and context switch per subscribe answered.
-    pub(super) fn push(&self, frame: Frame) -> Push {
-        let len = {
-            let mut state = self.queue.state.lock();
-            if state.frames.len() >= self.queue.capacity {
-                drop(state);
-                self.switch.close(CloseCode::SlowConsumer);
-                return Push::SlowConsumer;
-            }
-            state.frames.push_back(frame);
-            state.frames.len()
-        };
-        if len == self.queue.half() {
+    /// The socket's loop looks at the queue and the urge again before it waits, so a push wakes
+    /// nobody; a push that overflows closes the socket, which wakes it like any close. (Waking
+    /// the running task made the runtime poll it once more for nothing and wake an idle worker
+    /// thread for that: one futex call and context switch per subscribe answered.)
+    pub fn push(&mut self, frame: Frame) -> Push {
+        if self.frames.len() >= self.capacity {
+            self.switch.close(CloseCode::SlowConsumer);
+            return Push::SlowConsumer;
+        }
+        self.frames.push_back(frame);
+        if self.frames.len() == self.half() {
             self.switch.urge.store(true, Ordering::Release);
         }
         Push::Queued
+    }
+
+    /// Moves every queued frame to the back of `batch`, freeing their room in the queue.
+    pub fn drain_into(&mut self, batch: &mut VecDeque<Frame>) {
+        if batch.is_empty() {
+            std::mem::swap(&mut self.frames, batch);
+        } else {
+            batch.append(&mut self.frames);
+        }
+    }
+
+    /// Frames waiting in the queue.
+    pub fn len(&self) -> usize {
+        self.frames.len()
+    }
+
+    /// Whether no frame waits in the queue.
+    pub fn is_empty(&self) -> bool {
+        self.frames.is_empty()
+    }
+
+    /// Whether the queue is at least half full: time to write without lingering, and to stop
+    /// reading the client (its replies would queue behind).
+    pub fn is_half_full(&self) -> bool {
+        self.frames.len() >= self.half()
+    }
+
+    /// The fill level at which the socket stops lingering and stops reading: half the capacity.
+    fn half(&self) -> usize {
+        self.capacity.div_ceil(2)
     }
 }
 
@@ -250,34 +256,34 @@ mod tests {
         let mut cx = Context::from_waker(&waker);
         let count = || wakes.count();
         let switch = Arc::new(CloseSwitch::default());
-        let (outbox, inbox) = Outbox::new(8, switch.clone());
+        let mut replies = Replies::new(8, switch.clone());
 
-        assert!(inbox.is_empty());
+        assert!(replies.is_empty());
         let mut urged = std::pin::pin!(switch.urged());
         let mut closed = std::pin::pin!(switch.closed());
         assert!(urged.as_mut().poll(&mut cx).is_pending());
         assert!(closed.as_mut().poll(&mut cx).is_pending());
         for n in 1..4 {
-            assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
+            assert_eq!(replies.push(Frame::text(&n.to_string())), Push::Queued);
         }
-        assert_eq!(inbox.len(), 3);
+        assert_eq!(replies.len(), 3);
         assert!(urged.as_mut().poll(&mut cx).is_pending(), "below half: no urge");
         // The fourth frame fills half the queue: the urge is raised for the loop to see, and
         // the task, which is the one pushing, is not woken.
-        outbox.push(Frame::text("4"));
+        replies.push(Frame::text("4"));
         assert!(urged.as_mut().poll(&mut cx).is_ready());
         assert_eq!(count(), 0, "the socket's own pushes wake nobody");
 
         for n in 5..=8 {
-            assert_eq!(outbox.push(Frame::text(&n.to_string())), Push::Queued);
+            assert_eq!(replies.push(Frame::text(&n.to_string())), Push::Queued);
         }
         assert_eq!(count(), 0);
-        assert_eq!(outbox.push(Frame::text("9")), Push::SlowConsumer);
+        assert_eq!(replies.push(Frame::text("9")), Push::SlowConsumer);
         assert_eq!(count(), 1, "closing wakes the task");
         assert_eq!(closed.as_mut().poll(&mut cx), Poll::Ready(CloseCode::SlowConsumer));
 
         let mut batch = VecDeque::new();
-        inbox.drain_into(&mut batch);
+        replies.drain_into(&mut batch);
         assert_eq!(batch.len(), 8);
     }
 }
