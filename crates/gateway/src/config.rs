@@ -194,7 +194,8 @@ pub struct Config {
     #[arg(long, env = "GATEWAY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     pub log_format: LogFormat,
 
-    /// Probe http://<listen>/healthz and exit 0 if healthy, 1 otherwise (for container healthchecks).
+    /// Probe /healthz at the --listen address and exit 0 if healthy, 1 otherwise (for container
+    /// healthchecks).
     #[arg(long)]
     pub healthcheck: bool,
 

@@ -7,11 +7,11 @@
 //! `--write-linger` pass since its last write (see [`linger`]), so one write carries more.
 //! Reading, control frames and the close handshake are tungstenite's.
 //! Publishes are pipelined: each is handed to the backplane at once (which fixes its place in the
-//! channel's order) and answered in order when the backplane replies, up to [`MAX_IN_FLIGHT`]
+//! channel's order) and answered in order when the backplane replies, up to `MAX_IN_FLIGHT` (256)
 //! at a time. A subscribe or unsubscribe is kept as the one pending command and reading pauses
 //! until it resolves, while writing goes on. Heartbeats and token expiry are timers of the same
 //! loop; a close (slow consumer, node shutdown through the [`roster::Roster`]) arrives on the
-//! socket's [`CloseSwitch`]. [`Registration`] leaves the hub and the roster on every exit path,
+//! socket's [`CloseSwitch`]. `Registration` leaves the hub and the roster on every exit path,
 //! panics and cancellation included.
 
 pub mod frame;
@@ -777,12 +777,11 @@ pub(crate) async fn close_handshake(ws: &mut WsStream, code: CloseCode, write_ti
         timeout(write_timeout.min(Duration::from_secs(5)), async { while let Some(Ok(_)) = ws.next().await {} }).await;
 }
 
-/// The waker the WebSocket stream's read side is polled with: it wakes the socket's task and
-/// notes that the read side asked for it.
 /// The next frame from the client. The stream is polled only when its read side woke the task
 /// (or returned a frame last time), not on every wake-up: a busy socket wakes mostly for its
 /// writes, and polling the read side each time (the WebSocket layer's waker proxy, the
-/// connection's readiness lock) was a visible share of a fan-out profile.
+/// connection's readiness lock) was a visible share of a fan-out profile. The stream is polled
+/// with the socket's close switch as its waker (see [`CloseSwitch::take_read_wake`]).
 async fn next_frame(ws: &mut WsStream, switch: &Arc<CloseSwitch>) -> Option<Result<Message, tungstenite::Error>> {
     std::future::poll_fn(|cx| {
         if !switch.take_read_wake(cx) {

@@ -8,11 +8,12 @@
 //!
 //! The queue is a plain `VecDeque` in the socket's task, drained whole: only that task pushes
 //! to it and drains it (the backplane's answers to its publishes come back to the task, which
-//! queues the replies), so there is no lock, no shared allocation, and an idle socket's queue
-//! keeps no pre-allocated block. A push wakes nobody (see [`Replies::push`]).
+//! queues the replies), so there is no lock and no allocation shared with other tasks, and an
+//! idle socket's queue keeps no pre-allocated block. A push wakes nobody (see `Replies::push`).
 //!
 //! Every signal to the socket's task from elsewhere (a channel's message for a waiting socket, a
-//! channel falling behind, close asked) is an atomic flag plus one [`AtomicWaker`]: the task
+//! channel falling behind, close asked, the connection's read side) is an atomic flag plus one
+//! [`AtomicWaker`]: the task
 //! polls them on every wake-up, so each poll must stay a few atomic operations. (A
 //! `tokio::sync::Notify` takes its mutex whenever a waiting future is polled; shared by many
 //! sockets, that mutex was a node-wide lock on every wake-up.)
@@ -30,10 +31,11 @@ pub type ConnId = u64;
 
 /// Shared between a socket's task and everyone who may ask it to close (the hub for a slow
 /// consumer, the node's roster at shutdown) or to write without lingering (the hub when a
-/// channel falls behind, the reply queue when half full). Also holds the task's waker, which
-/// every signal from outside the task wakes, and is the waker of the connection's read side (see
-/// [`CloseSwitch::take_read_wake`]): one allocation, one cache line, for everything a socket's
-/// task looks at when it wakes.
+/// channel falls behind; the task's own reply queue when half full). Also holds the task's
+/// waker, which every signal from outside the task wakes, and is the waker of the connection's
+/// read side (see [`CloseSwitch::take_read_wake`]): one allocation for everything a socket's task
+/// looks at when it wakes. Only the socket's own task polls its futures, with the task's waker
+/// (never with this switch as the waker, which would make it hold itself).
 #[derive(Debug)]
 pub struct CloseSwitch {
     reason: AtomicU8,
@@ -180,7 +182,7 @@ impl Replies {
     /// nobody; a push that overflows closes the socket, which wakes it like any close. (Waking
     /// the running task made the runtime poll it once more for nothing and wake an idle worker
     /// thread for that: one futex call and context switch per subscribe answered.)
-    pub fn push(&mut self, frame: Frame) -> Push {
+    pub(super) fn push(&mut self, frame: Frame) -> Push {
         if self.frames.len() >= self.capacity {
             self.switch.close(CloseCode::SlowConsumer);
             return Push::SlowConsumer;
@@ -285,5 +287,33 @@ mod tests {
         let mut batch = VecDeque::new();
         replies.drain_into(&mut batch);
         assert_eq!(batch.len(), 8);
+    }
+
+    #[test]
+    fn the_read_side_waking_the_switch_wakes_the_task_once_and_only_marks_the_read_side() {
+        let wakes = Arc::new(CountingWaker::default());
+        let waker = waker(wakes.clone());
+        let mut cx = Context::from_waker(&waker);
+        let switch = Arc::new(CloseSwitch::default());
+
+        assert!(switch.take_read_wake(&mut cx), "a new socket's read side is polled a first time");
+        assert!(!switch.take_read_wake(&mut cx), "then only when it asks");
+        let mut urged = std::pin::pin!(switch.urged());
+        let mut closed = std::pin::pin!(switch.closed());
+        assert!(urged.as_mut().poll(&mut cx).is_pending());
+        assert!(closed.as_mut().poll(&mut cx).is_pending());
+
+        // The connection's read side wakes the waker it was polled with: the switch.
+        futures_util::task::waker_ref(&switch).wake_by_ref();
+        assert_eq!(wakes.count(), 1, "the task is woken once");
+        assert!(urged.as_mut().poll(&mut cx).is_pending(), "a read wake-up is not an urge");
+        assert!(closed.as_mut().poll(&mut cx).is_pending(), "nor a close");
+        assert!(switch.take_read_wake(&mut cx));
+        assert!(!switch.take_read_wake(&mut cx));
+
+        // A frame was returned: more may be buffered, so the read side is polled again.
+        switch.keep_reading();
+        assert!(switch.take_read_wake(&mut cx));
+        assert_eq!(wakes.count(), 1, "keeping on reading wakes nobody");
     }
 }
