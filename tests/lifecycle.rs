@@ -284,6 +284,35 @@ async fn thousands_of_connect_subscribe_disconnect_cycles_leave_nothing_behind()
     }
 }
 
+/// A client may send its first frames in the same write as its upgrade request: the node reads
+/// them after the handshake (they arrive with the request, before the socket is handed over).
+#[tokio::test]
+async fn frames_sent_with_the_upgrade_request_are_read_after_the_handshake() {
+    let node = Gateway::start("read-ahead", &[]);
+    node.wait_readyz(200).await;
+    let mut stream = TcpStream::connect(node.addr()).await.expect("connect");
+    let mut request = format!(
+        "GET /ws HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+        node.addr()
+    )
+    .into_bytes();
+    let ping = json!({"type": "ping", "id": 7}).to_string();
+    request.extend_from_slice(&client_frame(0x1, ping.as_bytes()));
+    stream.write_all(&request).await.expect("request and frame in one write");
+
+    let mut wire = Vec::new();
+    within("the upgrade", read_until(&mut stream, &mut wire, &|w| w.windows(4).any(|x| x == b"\r\n\r\n"))).await;
+    let head_end = wire.windows(4).position(|x| x == b"\r\n\r\n").expect("head") + 4;
+    assert!(wire.starts_with(b"HTTP/1.1 101"), "upgraded: {}", String::from_utf8_lossy(&wire[..head_end]));
+    wire.drain(..head_end);
+    within("the pong", read_until(&mut stream, &mut wire, &|w| !server_opcodes(w).is_empty())).await;
+    assert_eq!(server_opcodes(&wire)[0], OpCode::Data(Data::Text));
+    // A text frame of under 126 bytes from the server: two header bytes, no mask.
+    let reply: serde_json::Value = serde_json::from_slice(&wire[2..2 + usize::from(wire[1])]).expect("json reply");
+    assert_eq!(reply, json!({"type": "pong", "id": 7}));
+}
+
 /// Reads from `stream` into `wire` until `done(wire)`.
 async fn read_until(stream: &mut TcpStream, wire: &mut Vec<u8>, done: &dyn Fn(&[u8]) -> bool) {
     let mut chunk = vec![0u8; 64 * 1024];

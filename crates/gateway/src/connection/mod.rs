@@ -19,11 +19,12 @@ pub mod linger;
 pub mod outbox;
 pub mod roster;
 pub mod session;
+pub mod transport;
 
 pub use session::Session;
 
 /// An upgraded WebSocket connection, as a socket's task owns it.
-pub type WsStream = WebSocketStream<TokioIo<Upgraded>>;
+pub type WsStream = WebSocketStream<transport::Transport>;
 
 use crate::hub::feed::Reader;
 use crate::node::{CommandError, Node, Published, Source};
@@ -31,8 +32,6 @@ use futures_util::task::waker_ref;
 use futures_util::{SinkExt, StreamExt};
 use gateway_protocol::server::{encode_error, encode_ok, encode_pong};
 use gateway_protocol::{ChannelName, ClientFrame, CloseCode, ErrorCode, FrameId};
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
 use linger::Linger;
 use outbox::{CloseSwitch, ConnId, Frame, Replies};
 use session::Budget;

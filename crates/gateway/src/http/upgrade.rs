@@ -1,11 +1,14 @@
 //! The WebSocket upgrade itself: the handshake is checked and answered here, with tungstenite's
 //! server handshake, rather than by axum's extractor, so that a socket's task owns the upgraded
-//! connection: it writes pre-encoded frames to it directly (see [`crate::connection::frame`]) and
-//! leaves reading, control frames and the close handshake to tungstenite.
+//! connection, taken back from hyper as the TCP stream it is (see
+//! [`crate::connection::transport`]): it writes pre-encoded frames to it directly (see
+//! [`crate::connection::frame`]) and leaves reading, control frames and the close handshake to
+//! tungstenite.
 
 use super::error::ApiError;
 use crate::config::Config;
 use crate::connection::WsStream;
+use crate::connection::transport::Transport;
 use crate::node::Node;
 use axum::body::Body;
 use axum::extract::Request;
@@ -13,7 +16,6 @@ use axum::http::StatusCode;
 use axum::response::Response;
 use gateway_protocol::ErrorCode;
 use hyper::upgrade::OnUpgrade;
-use hyper_util::rt::TokioIo;
 use std::future::Future;
 use tokio_tungstenite::WebSocketStream;
 use tungstenite::protocol::{Role, WebSocketConfig};
@@ -50,8 +52,10 @@ impl Upgrade {
         node.tracker().spawn(async move {
             match on_upgrade.await {
                 Ok(upgraded) => {
-                    serve(WebSocketStream::from_raw_socket(TokioIo::new(upgraded), Role::Server, Some(config)).await)
-                        .await
+                    // Bytes the client sent right after its request (its first frames) are read
+                    // first.
+                    let (io, read_ahead) = Transport::take_back(upgraded);
+                    serve(WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config)).await).await
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
             }
