@@ -2,23 +2,28 @@
 //!
 //! After the upgrade the TCP stream is taken back from hyper, with any bytes hyper had already
 //! read past the handshake (they go to the WebSocket layer first), so that a socket's writes go
-//! straight to the kernel: each write is first tried as one non-blocking `send` (or `sendmsg`) on
-//! the socket, without the runtime's readiness bookkeeping. Only a write that would block goes
-//! through the runtime, which tries it again, finds the socket full, and registers for
-//! writability as for any write; from then on the socket waits like any other. Reads always go
-//! through the runtime.
+//! straight to the kernel: on Linux, a write is first tried as one non-blocking `send` (or
+//! `sendmsg`) on the socket, without the runtime's readiness bookkeeping. A write that finds the
+//! socket full (`WouldBlock`, or only part of it taken) marks the connection full, and from then
+//! on writes go through the runtime, which registers for writability as for any write, until one
+//! of them goes through whole. Reads always go through the runtime.
+//!
+//! Mixing the two is safe because the runtime clears a connection's write readiness only after
+//! a write of its own failed, and only if no readiness event came in since; every send that
+//! leaves the socket full, ours included, arms the kernel's next writability event. A readiness
+//! the runtime still holds from before our sends costs one failed send when it is next used.
 //!
 //! Skipping the runtime on a write that goes through saves reading the connection's readiness
 //! (a cache line of its own per socket, cold after a linger) and two layers of dispatch, hyper's
 //! boxed connection and its adapter: about 5-7 % of the server's CPU per delivery at fan-out
-//! (docs/benchmarks.md).
+//! (docs/architecture.md, docs/benchmarks.md). The runtime's cooperative budget is still charged
+//! for every write.
 
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
-use socket2::SockRef;
 use std::io::{self, IoSlice};
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
@@ -26,37 +31,100 @@ use tokio::net::TcpStream;
 /// not be taken back (it always can with the node's own listener, see `crate::http::serve`).
 #[derive(Debug)]
 pub enum Transport {
-    /// The TCP stream, written directly (see the module doc).
-    Tcp(TcpStream),
+    /// The TCP stream, written directly while it has room (see the module doc).
+    Tcp(Direct),
     /// Hyper's upgraded connection, written through the runtime.
     Upgraded(TokioIo<Upgraded>),
 }
 
+/// A TCP stream written directly while it has room.
+#[derive(Debug)]
+pub struct Direct {
+    stream: TcpStream,
+    /// The last direct write found the socket full: writes go through the runtime until one goes
+    /// through whole.
+    full: bool,
+}
+
 impl Transport {
     /// The connection of an upgraded request, and the bytes hyper had already read from it past
-    /// the handshake (a client may send its first frames with its request).
+    /// the handshake (a client may send its first frames with its request). When the stream
+    /// cannot be taken back, hyper's connection replays those bytes itself and none are returned.
     pub fn take_back(upgraded: Upgraded) -> (Self, Vec<u8>) {
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (Self::Tcp(parts.io.into_inner()), parts.read_buf.to_vec()),
+            Ok(parts) => (Self::Tcp(Direct { stream: parts.io.into_inner(), full: false }), Vec::from(parts.read_buf)),
             Err(upgraded) => (Self::Upgraded(TokioIo::new(upgraded)), Vec::new()),
         }
     }
 }
 
-/// Runs `send` on `stream`'s socket until it is not interrupted. `WouldBlock`: the socket is full.
-fn send_now(stream: &TcpStream, send: impl Fn(SockRef<'_>) -> io::Result<usize>) -> io::Result<usize> {
+impl Direct {
+    /// Writes with `direct` while the socket has room, else with `runtime`; both write (part of)
+    /// the same `len` bytes.
+    fn poll_write_with(
+        &mut self,
+        cx: &mut Context<'_>,
+        len: usize,
+        direct: impl Fn(&TcpStream) -> io::Result<usize>,
+        runtime: impl FnOnce(Pin<&mut TcpStream>, &mut Context<'_>) -> Poll<io::Result<usize>>,
+    ) -> Poll<io::Result<usize>> {
+        if !self.full {
+            let coop = ready!(tokio::task::coop::poll_proceed(cx));
+            match send_direct(&self.stream, direct) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => self.full = true,
+                sent => {
+                    coop.made_progress();
+                    self.full = matches!(sent, Ok(n) if n < len);
+                    return Poll::Ready(sent);
+                }
+            }
+        }
+        let sent = ready!(runtime(Pin::new(&mut self.stream), cx));
+        if matches!(sent, Ok(n) if n >= len) {
+            self.full = false;
+        }
+        Poll::Ready(sent)
+    }
+}
+
+/// Runs `send` on `stream` until it is not interrupted. `WouldBlock`: the socket is full (or,
+/// off Linux, direct writes are not used).
+fn send_direct(stream: &TcpStream, send: impl Fn(&TcpStream) -> io::Result<usize>) -> io::Result<usize> {
     loop {
-        match send(SockRef::from(stream)) {
+        match send(stream) {
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             sent => return sent,
         }
     }
 }
 
+/// The most slices one gathered write passes on (`IOV_MAX` on Linux; the rest is a partial write).
+const MAX_IOV: usize = 1024;
+
+#[cfg(target_os = "linux")]
+fn send(stream: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    socket2::SockRef::from(stream).send_with_flags(buf, libc::MSG_NOSIGNAL)
+}
+
+#[cfg(target_os = "linux")]
+fn send_vectored(stream: &TcpStream, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+    socket2::SockRef::from(stream).send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send(_: &TcpStream, _: &[u8]) -> io::Result<usize> {
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
+#[cfg(not(target_os = "linux"))]
+fn send_vectored(_: &TcpStream, _: &[IoSlice<'_>]) -> io::Result<usize> {
+    Err(io::ErrorKind::WouldBlock.into())
+}
+
 impl AsyncRead for Transport {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_read(cx, buf),
             Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
         }
     }
@@ -65,10 +133,12 @@ impl AsyncRead for Transport {
 impl AsyncWrite for Transport {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => match send_now(stream, |socket| socket.send_with_flags(buf, libc::MSG_NOSIGNAL)) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pin::new(stream).poll_write(cx, buf),
-                sent => Poll::Ready(sent),
-            },
+            Self::Tcp(direct) => direct.poll_write_with(
+                cx,
+                buf.len(),
+                |stream| send(stream, buf),
+                |stream, cx| stream.poll_write(cx, buf),
+            ),
             Self::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
         }
     }
@@ -79,11 +149,14 @@ impl AsyncWrite for Transport {
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Self::Tcp(stream) => {
-                match send_now(stream, |socket| socket.send_vectored_with_flags(bufs, libc::MSG_NOSIGNAL)) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => Pin::new(stream).poll_write_vectored(cx, bufs),
-                    sent => Poll::Ready(sent),
-                }
+            Self::Tcp(direct) => {
+                let bufs = &bufs[..bufs.len().min(MAX_IOV)];
+                direct.poll_write_with(
+                    cx,
+                    bufs.iter().map(|buf| buf.len()).sum(),
+                    |stream| send_vectored(stream, bufs),
+                    |stream, cx| stream.poll_write_vectored(cx, bufs),
+                )
             }
             Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
         }
@@ -91,21 +164,21 @@ impl AsyncWrite for Transport {
 
     fn is_write_vectored(&self) -> bool {
         match self {
-            Self::Tcp(stream) => stream.is_write_vectored(),
+            Self::Tcp(direct) => direct.stream.is_write_vectored(),
             Self::Upgraded(io) => io.is_write_vectored(),
         }
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_flush(cx),
             Self::Upgraded(io) => Pin::new(io).poll_flush(cx),
         }
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
-            Self::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_shutdown(cx),
             Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
         }
     }
@@ -114,6 +187,8 @@ impl AsyncWrite for Transport {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use futures_util::task::noop_waker;
+    use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
@@ -122,25 +197,61 @@ mod tests {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (accepted, client) = tokio::join!(listener.accept(), TcpStream::connect(addr));
-        (Transport::Tcp(accepted.expect("accept").0), client.expect("connect"))
+        (Transport::Tcp(Direct { stream: accepted.expect("accept").0, full: false }), client.expect("connect"))
+    }
+
+    fn is_full(transport: &Transport) -> bool {
+        matches!(transport, Transport::Tcp(Direct { full: true, .. }))
     }
 
     #[tokio::test]
-    async fn writes_that_fill_the_socket_wait_for_room_and_every_byte_arrives_in_order() {
+    async fn a_full_socket_turns_writes_over_to_the_runtime_until_one_goes_through_whole() {
         let (mut transport, mut client) = pair().await;
-        // Far more than the socket buffers hold, so the direct sends keep finding the socket
-        // full and the writer keeps waiting for room through the runtime.
-        const TOTAL: usize = 32 << 20;
+        transport.write_all(b"hello").await.expect("a write to an empty socket");
+        assert!(!is_full(&transport), "written directly");
+
+        // Fill the socket without reading: the write that finds it full waits in the runtime.
+        let waker = noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        let chunk = vec![7u8; 256 * 1024];
+        let mut queued = 5;
+        let pending = loop {
+            match Pin::new(&mut transport).poll_write(&mut cx, &chunk) {
+                Poll::Ready(Ok(n)) => queued += n,
+                Poll::Ready(Err(e)) => panic!("write failed: {e}"),
+                Poll::Pending => break true,
+            }
+        };
+        assert!(pending && is_full(&transport), "a full socket is marked full");
+
+        // The client reads everything: the next write goes through, and writes are direct again.
+        let mut buf = vec![0u8; 256 * 1024];
+        let mut read = 0;
+        while read < queued {
+            read += client.read(&mut buf).await.expect("read");
+        }
+        tokio::time::timeout(Duration::from_secs(10), transport.write_all(b"!"))
+            .await
+            .expect("room again")
+            .expect("write");
+        assert!(!is_full(&transport), "a whole write through the runtime ends the full state");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn writes_that_keep_filling_the_socket_deliver_every_byte_in_order() {
+        let (mut transport, mut client) = pair().await;
+        // Far more than the socket buffers hold, so writes keep finding the socket full, while
+        // the reader drains it on another thread.
+        const CHUNK: usize = 64 * 1024 + 7;
+        const CHUNKS: usize = 512;
         let writer = tokio::spawn(async move {
-            let chunk: Vec<u8> = (0..=255u8).cycle().take(64 * 1024 + 7).collect();
-            let mut sent = 0;
-            while sent < TOTAL {
-                let n = (TOTAL - sent).min(chunk.len());
-                let (head, tail) = chunk[..n].split_at(n / 2);
-                // Single and gathered writes alternate, both with the direct path and the fallback.
-                if (sent / chunk.len()).is_multiple_of(2) {
-                    transport.write_all(&chunk[..n]).await.expect("write");
+            let chunk: Vec<u8> = (0..=255u8).cycle().take(CHUNK).collect();
+            for index in 0..CHUNKS {
+                // Single and gathered writes alternate.
+                if index % 2 == 0 {
+                    transport.write_all(&chunk).await.expect("write");
                 } else {
+                    let (head, tail) = chunk.split_at(CHUNK / 2);
                     let mut slices = [IoSlice::new(head), IoSlice::new(tail)];
                     let mut bufs = &mut slices[..];
                     while !bufs.is_empty() {
@@ -148,24 +259,21 @@ mod tests {
                         IoSlice::advance_slices(&mut bufs, written);
                     }
                 }
-                sent += n;
             }
-            transport
+            // Dropped here: the reader sees the end of the stream.
         });
-        let mut buf = vec![0u8; 256 * 1024];
-        let mut expected_next = 0usize;
-        let mut total = 0usize;
-        while total < TOTAL {
-            let n = client.read(&mut buf).await.expect("read");
-            assert!(n > 0, "the connection closed after {total} bytes");
-            for &byte in &buf[..n] {
-                // Each chunk restarts the 0..=255 cycle: check position within the chunk.
-                let position = expected_next % (64 * 1024 + 7);
-                assert_eq!(byte, (position % 256) as u8, "byte {total} out of order");
-                expected_next += 1;
-                total += 1;
-            }
-        }
+        let received = tokio::time::timeout(Duration::from_secs(60), async {
+            let mut received = Vec::with_capacity(CHUNK * CHUNKS);
+            client.read_to_end(&mut received).await.expect("read");
+            received
+        })
+        .await
+        .expect("every byte within a minute");
         writer.await.expect("writer");
+        assert_eq!(received.len(), CHUNK * CHUNKS, "every byte arrives");
+        let expected: Vec<u8> = (0..=255u8).cycle().take(CHUNK).collect();
+        for (index, chunk) in received.chunks(CHUNK).enumerate() {
+            assert!(chunk == expected.as_slice(), "chunk {index} arrived intact and in order");
+        }
     }
 }
