@@ -52,7 +52,9 @@ impl Transport {
     /// cannot be taken back, hyper's connection replays those bytes itself and none are returned.
     pub fn take_back(upgraded: Upgraded) -> (Self, Vec<u8>) {
         match upgraded.downcast::<TokioIo<TcpStream>>() {
-            Ok(parts) => (Self::Tcp(Direct { stream: parts.io.into_inner(), full: false }), Vec::from(parts.read_buf)),
+            // Copied out (usually nothing): the buffer itself is hyper's whole read buffer, which
+            // the socket would otherwise keep for its life.
+            Ok(parts) => (Self::Tcp(Direct { stream: parts.io.into_inner(), full: false }), parts.read_buf.to_vec()),
             Err(upgraded) => (Self::Upgraded(TokioIo::new(upgraded)), Vec::new()),
         }
     }
