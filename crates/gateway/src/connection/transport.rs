@@ -26,16 +26,12 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tokio_util::either::Either;
 
-/// A socket's connection: the TCP stream itself, or hyper's upgraded connection when it could
-/// not be taken back (it always can with the node's own listener, see `crate::http::serve`).
-#[derive(Debug)]
-pub enum Transport {
-    /// The TCP stream, written directly while it has room (see the module doc).
-    Tcp(Direct),
-    /// Hyper's upgraded connection, written through the runtime.
-    Upgraded(TokioIo<Upgraded>),
-}
+/// A socket's connection: the TCP stream itself, written directly while it has room (`Left`), or
+/// hyper's upgraded connection, written through the runtime, when the stream could not be taken
+/// back (`Right`; it always can with the node's own listener, see `crate::http::serve`).
+pub type Transport = Either<Direct, TokioIo<Upgraded>>;
 
 /// A TCP stream written directly while it has room.
 #[derive(Debug)]
@@ -46,17 +42,15 @@ pub struct Direct {
     full: bool,
 }
 
-impl Transport {
-    /// The connection of an upgraded request, and the bytes hyper had already read from it past
-    /// the handshake (a client may send its first frames with its request). When the stream
-    /// cannot be taken back, hyper's connection replays those bytes itself and none are returned.
-    pub fn take_back(upgraded: Upgraded) -> (Self, Vec<u8>) {
-        match upgraded.downcast::<TokioIo<TcpStream>>() {
-            // Copied out (usually nothing): the buffer itself is hyper's whole read buffer, which
-            // the socket would otherwise keep for its life.
-            Ok(parts) => (Self::Tcp(Direct { stream: parts.io.into_inner(), full: false }), parts.read_buf.to_vec()),
-            Err(upgraded) => (Self::Upgraded(TokioIo::new(upgraded)), Vec::new()),
-        }
+/// The connection of an upgraded request, and the bytes hyper had already read from it past the
+/// handshake (a client may send its first frames with its request). When the stream cannot be
+/// taken back, hyper's connection replays those bytes itself and none are returned.
+pub fn take_back(upgraded: Upgraded) -> (Transport, Vec<u8>) {
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        // Copied out (usually nothing): the buffer itself is hyper's whole read buffer, which the
+        // socket would otherwise keep for its life.
+        Ok(parts) => (Either::Left(Direct { stream: parts.io.into_inner(), full: false }), parts.read_buf.to_vec()),
+        Err(upgraded) => (Either::Right(TokioIo::new(upgraded)), Vec::new()),
     }
 }
 
@@ -123,26 +117,20 @@ fn send_vectored(_: &TcpStream, _: &[IoSlice<'_>]) -> io::Result<usize> {
     Err(io::ErrorKind::WouldBlock.into())
 }
 
-impl AsyncRead for Transport {
+impl AsyncRead for Direct {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_read(cx, buf),
-            Self::Upgraded(io) => Pin::new(io).poll_read(cx, buf),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_read(cx, buf)
     }
 }
 
-impl AsyncWrite for Transport {
+impl AsyncWrite for Direct {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(direct) => direct.poll_write_with(
-                cx,
-                buf.len(),
-                |stream| send(stream, buf),
-                |stream, cx| stream.poll_write(cx, buf),
-            ),
-            Self::Upgraded(io) => Pin::new(io).poll_write(cx, buf),
-        }
+        self.get_mut().poll_write_with(
+            cx,
+            buf.len(),
+            |stream| send(stream, buf),
+            |stream, cx| stream.poll_write(cx, buf),
+        )
     }
 
     fn poll_write_vectored(
@@ -150,39 +138,25 @@ impl AsyncWrite for Transport {
         cx: &mut Context<'_>,
         bufs: &[IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Self::Tcp(direct) => {
-                let bufs = &bufs[..bufs.len().min(MAX_IOV)];
-                direct.poll_write_with(
-                    cx,
-                    bufs.iter().map(|buf| buf.len()).sum(),
-                    |stream| send_vectored(stream, bufs),
-                    |stream, cx| stream.poll_write_vectored(cx, bufs),
-                )
-            }
-            Self::Upgraded(io) => Pin::new(io).poll_write_vectored(cx, bufs),
-        }
+        let bufs = &bufs[..bufs.len().min(MAX_IOV)];
+        self.get_mut().poll_write_with(
+            cx,
+            bufs.iter().map(|buf| buf.len()).sum(),
+            |stream| send_vectored(stream, bufs),
+            |stream, cx| stream.poll_write_vectored(cx, bufs),
+        )
     }
 
     fn is_write_vectored(&self) -> bool {
-        match self {
-            Self::Tcp(direct) => direct.stream.is_write_vectored(),
-            Self::Upgraded(io) => io.is_write_vectored(),
-        }
+        self.stream.is_write_vectored()
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_flush(cx),
-            Self::Upgraded(io) => Pin::new(io).poll_flush(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_flush(cx)
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Self::Tcp(direct) => Pin::new(&mut direct.stream).poll_shutdown(cx),
-            Self::Upgraded(io) => Pin::new(io).poll_shutdown(cx),
-        }
+        Pin::new(&mut self.get_mut().stream).poll_shutdown(cx)
     }
 }
 
@@ -194,23 +168,19 @@ mod tests {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
 
-    /// A connected pair on loopback: the server's end as a [`Transport`], and the client's.
-    async fn pair() -> (Transport, TcpStream) {
+    /// A connected pair on loopback: the server's end written directly, and the client's.
+    async fn pair() -> (Direct, TcpStream) {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let addr = listener.local_addr().expect("address");
         let (accepted, client) = tokio::join!(listener.accept(), TcpStream::connect(addr));
-        (Transport::Tcp(Direct { stream: accepted.expect("accept").0, full: false }), client.expect("connect"))
-    }
-
-    fn is_full(transport: &Transport) -> bool {
-        matches!(transport, Transport::Tcp(Direct { full: true, .. }))
+        (Direct { stream: accepted.expect("accept").0, full: false }, client.expect("connect"))
     }
 
     #[tokio::test]
     async fn a_full_socket_turns_writes_over_to_the_runtime_until_one_goes_through_whole() {
         let (mut transport, mut client) = pair().await;
         transport.write_all(b"hello").await.expect("a write to an empty socket");
-        assert!(!is_full(&transport), "written directly");
+        assert!(!transport.full, "written directly");
 
         // Fill the socket without reading: the write that finds it full waits in the runtime.
         let waker = noop_waker();
@@ -224,7 +194,7 @@ mod tests {
                 Poll::Pending => break true,
             }
         };
-        assert!(pending && is_full(&transport), "a full socket is marked full");
+        assert!(pending && transport.full, "a full socket is marked full");
 
         // The client reads everything: the next write goes through, and writes are direct again.
         let mut buf = vec![0u8; 256 * 1024];
@@ -236,7 +206,7 @@ mod tests {
             .await
             .expect("room again")
             .expect("write");
-        assert!(!is_full(&transport), "a whole write through the runtime ends the full state");
+        assert!(!transport.full, "a whole write through the runtime ends the full state");
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -8,7 +8,7 @@
 use super::error::ApiError;
 use crate::config::Config;
 use crate::connection::WsStream;
-use crate::connection::transport::Transport;
+use crate::connection::transport;
 use crate::node::Node;
 use axum::body::Body;
 use axum::extract::Request;
@@ -54,7 +54,7 @@ impl Upgrade {
                 Ok(upgraded) => {
                     // Bytes the client sent right after its request (its first frames) are read
                     // first.
-                    let (io, read_ahead) = Transport::take_back(upgraded);
+                    let (io, read_ahead) = transport::take_back(upgraded);
                     serve(WebSocketStream::from_partially_read(io, read_ahead, Role::Server, Some(config)).await).await
                 }
                 Err(e) => tracing::debug!(error = %e, "upgrade failed"),
