@@ -8,6 +8,7 @@ pub mod writes;
 
 pub use writes::WriteStats;
 
+use prometheus::core::Collector;
 use prometheus::{Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry, TextEncoder};
 
 /// Every metric a node exports, registered in one [`Registry`].
@@ -55,22 +56,26 @@ pub struct Metrics {
     pub ready: IntGauge,
 }
 
+/// Registers `metric` and returns it; `what` names it if that fails (a programming error: a
+/// duplicate or malformed name, at start-up).
+fn register<M: Collector + Clone + 'static>(registry: &Registry, what: &str, metric: M) -> M {
+    registry.register(Box::new(metric.clone())).unwrap_or_else(|e| panic!("{what}: {e}"));
+    metric
+}
+
 fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
     let c = IntCounter::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    c
+    register(registry, &format!("metric {name}"), c)
 }
 
 fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
     let c = IntCounterVec::new(Opts::new(name, help), &[label]).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    registry.register(Box::new(c.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    c
+    register(registry, &format!("metric {name}"), c)
 }
 
 fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
     let g = IntGauge::new(name, help).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    registry.register(Box::new(g.clone())).unwrap_or_else(|e| panic!("metric {name}: {e}"));
-    g
+    register(registry, &format!("metric {name}"), g)
 }
 
 impl Metrics {
@@ -90,9 +95,8 @@ impl Metrics {
             ]),
         )
         .unwrap_or_else(|e| panic!("latency histogram: {e}"));
-        registry.register(Box::new(latency.clone())).unwrap_or_else(|e| panic!("latency histogram: {e}"));
-        let writes = WriteStats::new();
-        registry.register(Box::new(writes.clone())).unwrap_or_else(|e| panic!("write stats: {e}"));
+        let latency = register(r, "latency histogram", latency);
+        let writes = register(r, "write stats", WriteStats::new());
         #[cfg(target_os = "linux")]
         registry
             .register(Box::new(prometheus::process_collector::ProcessCollector::for_self()))
@@ -104,7 +108,7 @@ impl Metrics {
         )
         .unwrap_or_else(|e| panic!("node info: {e}"));
         info.set(1);
-        registry.register(Box::new(info)).unwrap_or_else(|e| panic!("node info: {e}"));
+        register(r, "node info", info);
         Self {
             connections: gauge(r, "gateway_connections", "Open WebSocket connections."),
             connects: counter(r, "gateway_connects_total", "WebSocket connections accepted."),
