@@ -96,7 +96,7 @@ pub struct Config {
     pub write_linger: Duration,
 
     /// The node's write budget: the most writes a second its busy sockets make together
-    /// (default: 12500 per runtime worker thread). When more sockets are steadily busy (two
+    /// (default: 7500 per runtime worker thread). When more sockets are steadily busy (two
     /// writes in a row with more than one message per `--write-linger`) than one
     /// `--write-linger` each allows, every busy socket lingers longer, up to 10 lingers, so that
     /// writes carry more messages each instead of their per-write kernel cost taking the CPU.

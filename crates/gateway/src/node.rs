@@ -313,8 +313,8 @@ impl Future for Published {
 
 /// Writes a second per runtime worker thread that a node's busy sockets may make together by
 /// default: at the 5-12 us of kernel and runtime work one write costs on a small virtual
-/// machine, a tenth of each core or somewhat more (docs/operations.md, Write budget).
-const WRITES_PER_WORKER: u32 = 12_500;
+/// machine, under a tenth of each core (docs/operations.md, Write budget).
+const WRITES_PER_WORKER: u32 = 7_500;
 
 /// `--write-rate`, or its default for the runtime the node runs on.
 fn write_rate(config: &Config) -> u32 {
